@@ -1,0 +1,221 @@
+"""The frozen frame snapshot on disk, and the sampler that feeds training from it.
+
+A snapshot is a folder of memory-mappable `.npy` arrays (uint8 frames, channels first, and their
+game labels, for the `train` and `holdout` splits) plus `manifest.json`, which records how it was
+made and the sha256 of every array file. `write_snapshot` builds it beside the target and swaps it
+in, so an interrupted write never replaces a good snapshot; `load_snapshot` verifies every file
+against the manifest before anything uses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from src.errors import UserError
+
+SPLITS = ("train", "holdout")
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+DEFAULT_DIR = Path("data/snapshot")
+
+
+class SnapshotError(UserError):
+    pass
+
+
+def array_files() -> list[str]:
+    return [f"{split}_{kind}.npy" for split in SPLITS for kind in ("images", "labels")]
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to a temporary sibling, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _remove_dead_temps(out_dir: Path) -> None:
+    """Delete half-written temporary folders left by writers that were killed (their pid is gone)."""
+    for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, owned by someone else
+
+
+def write_snapshot(out_dir: Path, arrays: dict[str, np.ndarray], manifest: dict[str, Any]) -> Path:
+    """Write `arrays` (named as in `array_files()`, without `.npy`) and the manifest, atomically.
+
+    Everything is written to a sibling temporary folder first; only a complete, fsynced snapshot
+    is renamed into place. The previous snapshot is removed only after the new one is in place.
+    """
+    out_dir = Path(out_dir)
+    expected = {name.removesuffix(".npy") for name in array_files()}
+    if set(arrays) != expected:
+        raise ValueError(f"snapshot arrays must be exactly {sorted(expected)}, got {sorted(arrays)}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temps(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        files = {}
+        for name, array in arrays.items():
+            path = tmp / f"{name}.npy"
+            with open(path, "wb") as fh:
+                np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
+                fh.flush()
+                os.fsync(fh.fileno())
+            files[path.name] = {
+                "sha256": file_sha256(path),
+                "bytes": path.stat().st_size,
+                "shape": list(array.shape),
+                "dtype": str(array.dtype),
+            }
+        write_json_atomic(tmp / MANIFEST, {**manifest, "format_version": FORMAT_VERSION, "files": files})
+        _fsync_dir(tmp)
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        _fsync_dir(out_dir.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    path: Path
+    manifest: dict[str, Any]
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    holdout_images: np.ndarray
+    holdout_labels: np.ndarray
+
+    @property
+    def games(self) -> list[str]:
+        return list(self.manifest["games"])
+
+    @property
+    def sha256(self) -> str:
+        """One digest for the whole snapshot: the hashes of its array files, in a fixed order."""
+        files = self.manifest["files"]
+        joined = "".join(f"{name}:{files[name]['sha256']};" for name in sorted(files))
+        return hashlib.sha256(joined.encode()).hexdigest()
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_images.shape[1:])
+
+
+def load_snapshot(path: Path = DEFAULT_DIR, verify: bool = True) -> Snapshot:
+    """Open a snapshot memory-mapped; with `verify`, check every file's size and sha256 first."""
+    path = Path(path)
+    fix = "run `dvc repro collect` (or `python -m src.collect`) to rebuild it"
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise SnapshotError(f"no snapshot at {path} ({MANIFEST} is missing); {fix}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise SnapshotError(f"{manifest_path} is unreadable ({exc}); {fix}") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise SnapshotError(
+            f"{path} has snapshot format {manifest.get('format_version')!r}, expected {FORMAT_VERSION}; {fix}"
+        )
+    for name in array_files():
+        file = path / name
+        if name not in files:
+            raise SnapshotError(f"{manifest_path} does not list {name}; {fix}")
+        if not file.is_file():
+            raise SnapshotError(f"{file} is missing; {fix}")
+        if verify:
+            size = file.stat().st_size
+            if size != files[name]["bytes"]:
+                raise SnapshotError(f"{file} is {size} bytes, the manifest says {files[name]['bytes']} (truncated?); {fix}")
+            if file_sha256(file) != files[name]["sha256"]:
+                raise SnapshotError(f"{file} does not match its sha256 in the manifest (altered or corrupt); {fix}")
+    try:
+        arrays = {name.removesuffix(".npy"): np.load(path / name, mmap_mode="r") for name in array_files()}
+    except ValueError as exc:
+        raise SnapshotError(f"{path} holds an unreadable array ({exc}); {fix}") from None
+    return Snapshot(path=path, manifest=manifest, **arrays)
+
+
+def to_unit_range(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> float32 -1..1, as the article normalises (x * 2 / 255 - 1)."""
+    return images_uint8.float().mul_(2.0 / 255.0).sub_(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float -1..1 (generator output) -> uint8 0..255, rounding to the nearest level."""
+    return images.float().add(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
+
+
+class DeviceSampler:
+    """Random training batches drawn on the training device from frames copied there once.
+
+    The frames stay uint8 on the device (4x smaller than float); a batch is an on-device gather
+    and normalisation, so no host-to-device copy or sync happens per step.
+    """
+
+    def __init__(self, images: np.ndarray, device: torch.device | str, seed: int):
+        self.device = torch.device(device)
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def sample(self, batch_size: int) -> torch.Tensor:
+        index = torch.randint(
+            len(self.images), (batch_size,), device=self.device, generator=self.generator
+        )
+        return to_unit_range(self.images[index])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])

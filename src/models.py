@@ -1,0 +1,148 @@
+"""The generator and discriminator: the article's DCGAN, plus the options the field uses.
+
+The architecture is that of the article's script (Lapan, `03_atari_gan.py`):
+- D: conv 4x4/2 to `filters` -> ReLU -> conv 4x4/2 to 2f, BN, ReLU -> 4f, BN, ReLU -> 8f, BN, ReLU
+  -> conv 4x4/1 to 1 -> sigmoid.
+- G: convT 4x4/1 latent -> 8f, BN, ReLU -> 4f -> 2f -> f (convT 4x4/2, BN, ReLU each) -> convT 4x4/2
+  to 3 channels -> tanh.
+- PyTorch's default initialisation, biases on every convolution.
+
+One deliberate difference in form, not in function: our discriminator returns the LOGIT and the
+losses apply the sigmoid inside `binary_cross_entropy_with_logits`. That is the same function as
+the article's `Sigmoid` + `BCELoss` (only more accurate where the sigmoid saturates: BCELoss
+clamps log() at -100) and, unlike BCELoss, it is allowed under autocast.
+
+Options: LeakyReLU(0.2) in D, DCGAN init (conv ~ N(0, 0.02), BN weight ~ N(1, 0.02), biases 0),
+spectral norm in D. BatchNorm is dropped from D when spectral norm is on (SN-GAN) and for the
+WGAN-GP loss (the penalty is per sample; Gulrajani et al. 2017 use no BN in the critic).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from src.params import IMAGE_SHAPE, Params
+
+ACTIVATIONS = ("relu", "leaky_relu")
+INITS = ("default", "dcgan")
+LEAKY_SLOPE = 0.2
+
+
+def _act(name: str) -> nn.Module:
+    if name == "relu":
+        return nn.ReLU()
+    if name == "leaky_relu":
+        return nn.LeakyReLU(LEAKY_SLOPE)
+    raise ValueError(f"unknown activation {name!r}; allowed: {', '.join(ACTIVATIONS)}")
+
+
+def dcgan_init_(module: nn.Module) -> None:
+    """Radford et al. 2016: conv weights ~ N(0, 0.02), BN weights ~ N(1, 0.02), biases 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+def _check_init(init: str) -> None:
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; allowed: {', '.join(INITS)}")
+
+
+class Generator(nn.Module):
+    """(B, latent_dim, 1, 1) noise -> (B, 3, 64, 64) images in [-1, 1]."""
+
+    def __init__(self, latent_dim: int = 100, filters: int = 64, channels: int = IMAGE_SHAPE[0], init: str = "default"):
+        super().__init__()
+        _check_init(init)
+        self.latent_dim = latent_dim
+        f = filters
+        self.pipe = nn.Sequential(
+            nn.ConvTranspose2d(latent_dim, f * 8, kernel_size=4, stride=1, padding=0),
+            nn.BatchNorm2d(f * 8),
+            nn.ReLU(),
+            nn.ConvTranspose2d(f * 8, f * 4, kernel_size=4, stride=2, padding=1),
+            nn.BatchNorm2d(f * 4),
+            nn.ReLU(),
+            nn.ConvTranspose2d(f * 4, f * 2, kernel_size=4, stride=2, padding=1),
+            nn.BatchNorm2d(f * 2),
+            nn.ReLU(),
+            nn.ConvTranspose2d(f * 2, f, kernel_size=4, stride=2, padding=1),
+            nn.BatchNorm2d(f),
+            nn.ReLU(),
+            nn.ConvTranspose2d(f, channels, kernel_size=4, stride=2, padding=1),
+            nn.Tanh(),
+        )
+        if init == "dcgan":
+            dcgan_init_(self)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.pipe(z)
+
+
+class Discriminator(nn.Module):
+    """(B, 3, 64, 64) images -> (B,) logits (the article's sigmoid lives in the loss)."""
+
+    def __init__(
+        self,
+        filters: int = 64,
+        activation: str = "relu",
+        spectral_norm: bool = False,
+        batch_norm: bool | None = None,
+        channels: int = IMAGE_SHAPE[0],
+        init: str = "default",
+    ):
+        super().__init__()
+        _check_init(init)
+        if batch_norm is None:
+            batch_norm = not spectral_norm
+        f = filters
+        layers: list[nn.Module] = [nn.Conv2d(channels, f, kernel_size=4, stride=2, padding=1), _act(activation)]
+        for c_in, c_out in ((f, f * 2), (f * 2, f * 4), (f * 4, f * 8)):
+            layers.append(nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(c_out))
+            layers.append(_act(activation))
+        layers.append(nn.Conv2d(f * 8, 1, kernel_size=4, stride=1, padding=0))
+        self.pipe = nn.Sequential(*layers)
+        if init == "dcgan":
+            dcgan_init_(self)
+        if spectral_norm:
+            # After init: the parametrisation normalises whatever weights it is given.
+            for m in self.pipe:
+                if isinstance(m, nn.Conv2d):
+                    nn.utils.parametrizations.spectral_norm(m)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pipe(x).view(-1)
+
+
+def model_kwargs(params: Params) -> dict[str, dict]:
+    """Constructor arguments of both networks from EFFECTIVE params (stored beside saved weights)."""
+    m, t = params.model, params.train
+    return {
+        "generator": {"latent_dim": m.latent_dim, "filters": m.gen_filters, "init": t.init},
+        "discriminator": {
+            "filters": m.disc_filters,
+            "activation": t.d_activation,
+            "spectral_norm": t.spectral_norm,
+            "batch_norm": not (t.spectral_norm or t.loss == "wgan-gp"),
+            "init": t.init,
+        },
+    }
+
+
+def build_models(params: Params) -> tuple[Generator, Discriminator]:
+    """Both networks from EFFECTIVE params (`src.params.effective`), in the global torch RNG.
+
+    D is built first, as in the article's script, so a seeded build draws the same initial weights.
+    """
+    kwargs = model_kwargs(params)
+    discriminator = Discriminator(**kwargs["discriminator"])
+    generator = Generator(**kwargs["generator"])
+    return generator, discriminator

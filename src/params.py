@@ -1,0 +1,333 @@
+"""`params.yaml` as typed, validated objects: the one place that holds every default.
+
+`load_params()` reads the file, rejects unknown keys, wrong types and impossible values before
+any work starts (one `ParamsError` naming key, value and what is allowed), and returns a frozen
+`Params`. `effective(params)` applies the `train.recipe` preset, so what runs is what is logged.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from src.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PARAMS_FILE = "params.yaml"
+IMAGE_SHAPE = (3, 64, 64)  # channels first, as the article's wrapper produces
+AUGMENTS = ("color", "translation", "cutout")
+
+
+class ParamsError(UserError):
+    pass
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: Any) -> Any:
+        # pydantic would read `train_frames: true` as 1; a yes/no where a number belongs is a mistake.
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and annotation is not bool and bool not in getattr(annotation, "__args__", ()):
+            raise ValueError("expected a number, not true/false")
+        return value
+
+
+@functools.cache
+def ale_game_ids() -> tuple[str, ...]:
+    """Every Atari env id gymnasium knows once ale-py registered its ROMs (they ship inside ale-py)."""
+    import ale_py
+    import gymnasium as gym
+
+    gym.register_envs(ale_py)
+    return tuple(sorted(k for k, spec in gym.registry.items() if "ale_py" in str(spec.entry_point)))
+
+
+class CollectParams(_Section):
+    games: list[str] = Field(default_factory=lambda: ["Breakout-v4", "AirRaid-v4", "Pong-v4"], min_length=1)
+    train_frames: int = Field(30_000, gt=0)
+    holdout_frames: int = Field(6_000, gt=0)
+    workers: int = Field(0, ge=0, description="worker processes; 0 = one per CPU core")
+    shard_frames: int = Field(2_000, gt=0, description="frames per work unit (one env, one seed)")
+    interpolation: Literal["linear", "area", "nearest", "cubic"] = "linear"
+    min_mean: float = Field(0.01, ge=0, le=255, description="article's dark-frame filter, 0..255 scale")
+    dedup: bool = True
+
+    @field_validator("games")
+    @classmethod
+    def _known_games(cls, games: list[str]) -> list[str]:
+        known = ale_game_ids()
+        for game in games:
+            if game not in known:
+                close = difflib.get_close_matches(game, known, n=3, cutoff=0.5)
+                hint = f"closest valid ids: {', '.join(close)}" if close else "see gymnasium's ALE ids, e.g. Pong-v4"
+                raise ValueError(f"unknown game {game!r}; {hint}")
+        if len(set(games)) != len(games):
+            raise ValueError("each game may appear once")
+        return games
+
+
+class ModelParams(_Section):
+    latent_dim: int = Field(100, gt=0)
+    gen_filters: int = Field(64, gt=0)
+    disc_filters: int = Field(64, gt=0)
+
+
+class TrainParams(_Section):
+    recipe: Literal["article", "custom"] = "custom"
+    device: str = "auto"
+    iterations: int = Field(20_000, gt=0)
+    time_budget_s: float | None = Field(None, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr_g: float = Field(2e-4, gt=0, lt=1)
+    lr_d: float = Field(2e-4, gt=0, lt=1)
+    beta1: float = Field(0.5, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    loss: Literal["bce", "hinge", "wgan-gp"] = "bce"
+    gp_weight: float = Field(10.0, ge=0)
+    d_steps: int = Field(1, ge=1, description="discriminator updates per generator update")
+    d_activation: Literal["relu", "leaky_relu"] = "leaky_relu"
+    init: Literal["default", "dcgan"] = "dcgan"
+    spectral_norm: bool = False
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="0 = no EMA generator")
+    ema_warmup: int = Field(1_000, ge=0, description="steps over which the EMA decay ramps up")
+    augment: str = Field("", description="comma-separated subset of color,translation,cutout (DiffAugment)")
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    log_every: int = Field(50, gt=0)
+    image_every: int = Field(1_000, gt=0)
+    checkpoint_every: int = Field(500, gt=0)
+    fid_every: int = Field(0, ge=0, description="0 = no FID during training")
+    fid_samples: int = Field(500, ge=2)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise ValueError(f"unknown device {device!r}; allowed: auto, cpu, cuda, cuda:N")
+        return device
+
+    @field_validator("augment")
+    @classmethod
+    def _augment(cls, augment: str) -> str:
+        parts = [p.strip() for p in augment.split(",") if p.strip()]
+        bad = [p for p in parts if p not in AUGMENTS]
+        if bad:
+            raise ValueError(f"unknown augmentation {bad[0]!r}; allowed: {', '.join(AUGMENTS)} (comma-separated)")
+        return ",".join(parts)
+
+
+class EvaluateParams(_Section):
+    num_samples: int = Field(2_048, ge=2, description="generated images for FID; < 2048 is biased")
+    batch_size: int = Field(100, gt=0)
+    kid_subset_size: int = Field(1_000, ge=2)
+    inception_weights: str | None = Field(None, description="path to the torch-fidelity InceptionV3 weights")
+    device: str = Field("auto", description="auto = the GPU when there is one")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise ValueError(f"unknown device {device!r}; allowed: auto, cpu, cuda, cuda:N")
+        return device
+
+
+class SearchRange(_Section):
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SearchRange:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log-scale range needs low > 0")
+        return self
+
+
+def _default_space() -> dict[str, SearchRange]:
+    return {
+        "lr_g": SearchRange(low=2e-5, high=2e-3, log=True),
+        "lr_d": SearchRange(low=2e-5, high=2e-3, log=True),
+        "beta1": SearchRange(low=0.0, high=0.9),
+        "beta2": SearchRange(low=0.9, high=0.9999),
+    }
+
+
+TUNED_KEYS = ("lr_g", "lr_d", "beta1", "beta2")
+
+
+class TuneParams(_Section):
+    n_trials: int = Field(20, gt=0)
+    iterations: int = Field(1_000, gt=0, description="training iterations per trial")
+    report_every: int = Field(250, gt=0, description="intermediate FID every N iterations (for pruning)")
+    fid_samples: int = Field(500, ge=2)
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    study_name: str = "atari-gan"
+    storage: str | None = Field(None, description="Optuna storage URL; default sqlite:///optuna.db at the repo root")
+    timeout_s: float | None = Field(None, gt=0)
+    space: dict[str, SearchRange] = Field(default_factory=_default_space)
+
+    @field_validator("space")
+    @classmethod
+    def _space_keys(cls, space: dict[str, SearchRange]) -> dict[str, SearchRange]:
+        bad = sorted(set(space) - set(TUNED_KEYS))
+        if bad:
+            raise ValueError(f"cannot search {bad[0]!r}; allowed: {', '.join(TUNED_KEYS)}")
+        for key in ("beta1", "beta2"):
+            if key in space and not (0 <= space[key].low and space[key].high < 1):
+                raise ValueError(f"{key} range must lie in [0, 1)")
+        return space
+
+
+class Params(_Section):
+    seed: int = Field(0, ge=0)
+    collect: CollectParams = Field(default_factory=CollectParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    tune: TuneParams = Field(default_factory=TuneParams)
+
+
+# The article's recipe, applied whole by `train.recipe: article` whatever else params.yaml says.
+ARTICLE_MODEL = {"latent_dim": 100, "gen_filters": 64, "disc_filters": 64}
+ARTICLE_TRAIN = {
+    "batch_size": 16,
+    "lr_g": 1e-4,
+    "lr_d": 1e-4,
+    "beta1": 0.5,
+    "beta2": 0.999,
+    "loss": "bce",
+    "d_steps": 1,
+    "d_activation": "relu",
+    "init": "default",
+    "spectral_norm": False,
+    "ema_decay": 0.0,
+    "augment": "",
+}
+
+
+def effective(params: Params) -> Params:
+    """The params that actually run: the `article` recipe overrides model and training settings."""
+    if params.train.recipe != "article":
+        return params
+    return params.model_copy(
+        update={
+            "model": params.model.model_copy(update=ARTICLE_MODEL),
+            "train": params.train.model_copy(update=ARTICLE_TRAIN),
+        }
+    )
+
+
+def _describe(error: dict[str, Any], raw: Any) -> str:
+    key = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        section = _lookup_section(error["loc"][:-1])
+        allowed = ", ".join(section.model_fields) if section else ""
+        return f"unknown key '{key}'" + (f"; allowed here: {allowed}" if allowed else "")
+    value = _lookup(raw, error["loc"])
+    msg = error["msg"].removeprefix("Value error, ")
+    if error["type"] in _BOUND_ERRORS:
+        section = _lookup_section(error["loc"][:-1])
+        field = section.model_fields.get(str(error["loc"][-1])) if section else None
+        if field is not None:
+            msg += f" (allowed: {_allowed_range(field.metadata)})"
+    return f"{key} = {value!r}: {msg}"
+
+
+_BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
+def _allowed_range(metadata: list[Any]) -> str:
+    """`Field(gt=0, lt=1)` -> '0 < value < 1', `Field(gt=0)` -> 'value > 0', for messages."""
+    low = high = None
+    for m in metadata:
+        for attr, op in (("gt", "<"), ("ge", "<=")):
+            if getattr(m, attr, None) is not None:
+                low = (getattr(m, attr), op)
+        for attr, op in (("lt", "<"), ("le", "<=")):
+            if getattr(m, attr, None) is not None:
+                high = (op, getattr(m, attr))
+    if low and high:
+        return f"{low[0]} {low[1]} value {high[0]} {high[1]}"
+    if low:
+        return f"value {low[1].replace('<', '>')} {low[0]}"
+    return f"value {high[0]} {high[1]}" if high else "see params.yaml"
+
+
+def _lookup_section(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Params
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _lookup(raw: Any, loc: tuple) -> Any:
+    for part in loc:
+        try:
+            raw = raw[part]
+        except (KeyError, IndexError, TypeError):
+            return "<missing>"
+    return raw
+
+
+def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
+    """Validate a params mapping; every problem is reported in one ParamsError."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(e, raw) for e in exc.errors()]
+        if len(problems) == 1:
+            raise ParamsError(f"{source}: {problems[0]}") from None
+        raise ParamsError(f"{source} has {len(problems)} invalid values:\n  " + "\n  ".join(problems)) from None
+
+
+def params_path() -> Path:
+    """params.yaml in the working directory (where DVC runs stages), else at the repo root."""
+    local = Path.cwd() / PARAMS_FILE
+    return local if local.exists() else REPO_ROOT / PARAMS_FILE
+
+
+def load_params(path: str | os.PathLike | None = None) -> Params:
+    path = Path(path) if path else params_path()
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path} not found; run from the repo root or pass the path to params.yaml") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from None
+    return parse_params(raw, source=str(path))
+
+
+def flatten(params: Params) -> dict[str, Any]:
+    """`{"train.lr_g": 0.0002, ...}`: the form MLflow and Optuna log."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = value
+
+    walk("", params.model_dump())
+    return out

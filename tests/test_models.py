@@ -1,0 +1,231 @@
+"""The networks (the article's DCGAN exactly, and each option) and DiffAugment."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from src.augment import AUGMENT_FNS, diff_augment, parse_policy
+from src.models import Discriminator, Generator, build_models, model_kwargs
+from src.params import Params, effective, parse_params
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two busy shared cores: one intra-op thread avoids OpenMP spin contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def article_params() -> Params:
+    # Deliberately far from the article everywhere: the recipe must override all of it.
+    return effective(
+        parse_params(
+            {
+                "model": {"latent_dim": 7, "gen_filters": 5, "disc_filters": 3},
+                "train": {"recipe": "article", "batch_size": 99, "lr_g": 0.5, "lr_d": 0.5, "beta1": 0.1,
+                          "loss": "hinge", "d_activation": "leaky_relu", "init": "dcgan", "spectral_norm": True,
+                          "ema_decay": 0.9, "augment": "color"},
+            }
+        )
+    )
+
+
+# The article's networks, transcribed from Lapan's 03_atari_gan.py (Sigmoid in D, BCELoss outside).
+class ArticleDiscriminator(nn.Module):
+    def __init__(self, input_shape=(3, 64, 64), filters=64):
+        super().__init__()
+        self.conv_pipe = nn.Sequential(
+            nn.Conv2d(input_shape[0], filters, kernel_size=4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(filters, filters * 2, kernel_size=4, stride=2, padding=1),
+            nn.BatchNorm2d(filters * 2),
+            nn.ReLU(),
+            nn.Conv2d(filters * 2, filters * 4, kernel_size=4, stride=2, padding=1),
+            nn.BatchNorm2d(filters * 4),
+            nn.ReLU(),
+            nn.Conv2d(filters * 4, filters * 8, kernel_size=4, stride=2, padding=1),
+            nn.BatchNorm2d(filters * 8),
+            nn.ReLU(),
+            nn.Conv2d(filters * 8, 1, kernel_size=4, stride=1, padding=0),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x):
+        return self.conv_pipe(x).view(-1, 1).squeeze(dim=1)
+
+
+class ArticleGenerator(nn.Module):
+    def __init__(self, output_shape=(3, 64, 64), latent=100, filters=64):
+        super().__init__()
+        self.pipe = nn.Sequential(
+            nn.ConvTranspose2d(latent, filters * 8, kernel_size=4, stride=1, padding=0),
+            nn.BatchNorm2d(filters * 8),
+            nn.ReLU(),
+            nn.ConvTranspose2d(filters * 8, filters * 4, kernel_size=4, stride=2, padding=1),
+            nn.BatchNorm2d(filters * 4),
+            nn.ReLU(),
+            nn.ConvTranspose2d(filters * 4, filters * 2, kernel_size=4, stride=2, padding=1),
+            nn.BatchNorm2d(filters * 2),
+            nn.ReLU(),
+            nn.ConvTranspose2d(filters * 2, filters, kernel_size=4, stride=2, padding=1),
+            nn.BatchNorm2d(filters),
+            nn.ReLU(),
+            nn.ConvTranspose2d(filters, output_shape[0], kernel_size=4, stride=2, padding=1),
+            nn.Tanh(),
+        )
+
+    def forward(self, x):
+        return self.pipe(x)
+
+
+def layer_list(module: nn.Module) -> list[str]:
+    out = []
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            out.append(f"{type(m).__name__}({m.in_channels},{m.out_channels},k{m.kernel_size[0]},s{m.stride[0]},p{m.padding[0]})")
+        elif isinstance(m, nn.BatchNorm2d):
+            out.append(f"BN({m.num_features})")
+        elif isinstance(m, (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid)):
+            out.append(type(m).__name__)
+    return out
+
+
+def test_article_recipe_overrides_everything():
+    p = article_params()
+    assert (p.model.latent_dim, p.model.gen_filters, p.model.disc_filters) == (100, 64, 64)
+    t = p.train
+    assert (t.batch_size, t.lr_g, t.lr_d, t.beta1, t.beta2) == (16, 1e-4, 1e-4, 0.5, 0.999)
+    assert (t.loss, t.d_activation, t.init, t.spectral_norm, t.ema_decay, t.augment, t.d_steps) == (
+        "bce", "relu", "default", False, 0.0, "", 1)
+
+
+def test_article_architecture_layers_and_parameter_counts():
+    gen, disc = build_models(article_params())
+    assert layer_list(disc) == [
+        "Conv2d(3,64,k4,s2,p1)", "ReLU",
+        "Conv2d(64,128,k4,s2,p1)", "BN(128)", "ReLU",
+        "Conv2d(128,256,k4,s2,p1)", "BN(256)", "ReLU",
+        "Conv2d(256,512,k4,s2,p1)", "BN(512)", "ReLU",
+        "Conv2d(512,1,k4,s1,p0)",
+    ]  # the article's final Sigmoid is inside the BCE-with-logits loss
+    assert layer_list(gen) == [
+        "ConvTranspose2d(100,512,k4,s1,p0)", "BN(512)", "ReLU",
+        "ConvTranspose2d(512,256,k4,s2,p1)", "BN(256)", "ReLU",
+        "ConvTranspose2d(256,128,k4,s2,p1)", "BN(128)", "ReLU",
+        "ConvTranspose2d(128,64,k4,s2,p1)", "BN(64)", "ReLU",
+        "ConvTranspose2d(64,3,k4,s2,p1)", "Tanh",
+    ]
+    # Counted by hand from the layer list (conv weights + biases, BN weight + bias).
+    assert sum(p.numel() for p in disc.parameters()) == 2_766_529
+    assert sum(p.numel() for p in gen.parameters()) == 3_577_667
+
+
+def test_article_weights_and_outputs_equal_the_reference_script():
+    torch.manual_seed(3)
+    ref_d, ref_g = ArticleDiscriminator(), ArticleGenerator()  # the script builds D first
+    torch.manual_seed(3)
+    gen, disc = build_models(article_params())
+    for ours, ref in ((gen, ref_g), (disc, ref_d)):
+        pairs = list(zip(ours.parameters(), ref.parameters(), strict=True))
+        assert all(torch.equal(a, b) for a, b in pairs)  # PyTorch default init, same order
+    z = torch.randn(4, 100, 1, 1)
+    torch.testing.assert_close(gen(z), ref_g(z), rtol=0, atol=0)
+    x = torch.rand(4, 3, 64, 64) * 2 - 1
+    torch.testing.assert_close(torch.sigmoid(disc(x)), ref_d(x), rtol=1e-6, atol=1e-6)
+
+
+def test_shapes_and_ranges():
+    gen, disc = Generator(16, 8), Discriminator(8)
+    images = gen(torch.randn(5, 16, 1, 1))
+    assert images.shape == (5, 3, 64, 64)
+    assert images.min() >= -1 and images.max() <= 1
+    assert disc(images).shape == (5,)
+
+
+def test_leaky_relu_option():
+    disc = Discriminator(8, activation="leaky_relu")
+    acts = [m for m in disc.modules() if isinstance(m, (nn.ReLU, nn.LeakyReLU))]
+    assert len(acts) == 4 and all(isinstance(m, nn.LeakyReLU) and m.negative_slope == 0.2 for m in acts)
+    with pytest.raises(ValueError, match="allowed: relu, leaky_relu"):
+        Discriminator(8, activation="gelu")
+
+
+def test_dcgan_init_draws_the_dcgan_distributions():
+    torch.manual_seed(0)
+    gen = Generator(100, 64, init="dcgan")
+    convs = [m for m in gen.modules() if isinstance(m, nn.ConvTranspose2d)]
+    bns = [m for m in gen.modules() if isinstance(m, nn.BatchNorm2d)]
+    big = convs[1].weight  # 512x256x4x4: plenty of samples
+    assert abs(big.mean().item()) < 1e-3 and abs(big.std().item() - 0.02) < 1e-3
+    assert all(torch.count_nonzero(m.bias) == 0 for m in convs)
+    bn_w = bns[0].weight
+    assert abs(bn_w.mean().item() - 1) < 0.01 and abs(bn_w.std().item() - 0.02) < 0.01
+    default = Generator(100, 64)
+    assert torch.all(default.pipe[1].weight == 1)  # PyTorch's BN init, untouched
+
+
+def test_spectral_norm_drops_batch_norm_and_bounds_sigma():
+    torch.manual_seed(0)
+    disc = Discriminator(8, spectral_norm=True)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in disc.modules())
+    convs = [m for m in disc.modules() if isinstance(m, nn.Conv2d)]
+    assert all(nn.utils.parametrize.is_parametrized(m, "weight") for m in convs)
+    x = torch.randn(4, 3, 64, 64)
+    for _ in range(30):  # power iteration converges in train mode
+        disc(x)
+    disc.eval()
+    for conv in convs:
+        sigma = torch.linalg.matrix_norm(conv.weight.flatten(1), ord=2)
+        assert abs(sigma.item() - 1) < 0.05
+
+
+def test_wgan_gp_critic_has_no_batch_norm_and_options_reach_the_models():
+    params = parse_params({"train": {"loss": "wgan-gp", "d_activation": "leaky_relu", "init": "dcgan"}})
+    kwargs = model_kwargs(params)
+    assert kwargs["discriminator"]["batch_norm"] is False
+    gen, disc = build_models(params)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in disc.modules())
+    assert any(isinstance(m, nn.LeakyReLU) for m in disc.modules())
+    assert kwargs["generator"] == {"latent_dim": 100, "filters": 64, "init": "dcgan"}
+
+
+# DiffAugment --------------------------------------------------------------------------------
+
+
+def test_diff_augment_shapes_randomness_and_identity():
+    x = torch.rand(6, 3, 64, 64) * 2 - 1
+    assert diff_augment(x, "") is x
+    gen = torch.Generator().manual_seed(0)
+    for name in AUGMENT_FNS:
+        y = diff_augment(x, name, gen)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        assert not torch.equal(y, x)
+    a = diff_augment(x, "color,translation,cutout", torch.Generator().manual_seed(1))
+    b = diff_augment(x, "color,translation,cutout", torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)  # reproducible from the generator's state
+
+
+def test_diff_augment_translation_and_cutout_do_what_they_say():
+    x = torch.ones(64, 3, 32, 32)
+    cut = diff_augment(x, "cutout", torch.Generator().manual_seed(0))
+    zero_fraction = (cut == 0).float().mean(dim=(1, 2, 3))
+    assert torch.all(zero_fraction > 0) and torch.all(zero_fraction <= 0.25 + 1e-6)  # one square, half the side
+    moved = diff_augment(x, "translation", torch.Generator().manual_seed(0))
+    assert set(moved.unique().tolist()) <= {0.0, 1.0}  # pixels are moved or padded, never blended
+    assert (moved == 0).any()
+
+
+def test_diff_augment_is_differentiable():
+    x = (torch.rand(4, 3, 64, 64) * 2 - 1).requires_grad_(True)
+    y = diff_augment(x, "color,translation,cutout", torch.Generator().manual_seed(0))
+    y.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_unknown_policy_is_rejected():
+    with pytest.raises(ValueError, match="allowed: color, translation, cutout"):
+        parse_policy("color,blur")

@@ -1,0 +1,143 @@
+"""params.yaml validation: every bad value fails with one message naming key, value and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from src.params import (
+    ARTICLE_MODEL,
+    ARTICLE_TRAIN,
+    REPO_ROOT,
+    CollectParams,
+    Params,
+    ParamsError,
+    effective,
+    flatten,
+    load_params,
+    parse_params,
+)
+
+
+def error_of(raw) -> str:
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw)
+    return str(info.value)
+
+
+def test_shipped_params_load():
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert params.collect.games == ["Breakout-v4", "AirRaid-v4", "Pong-v4"]
+    assert params.collect.train_frames > 0 and params.collect.holdout_frames > 0
+    assert params.train.device in {"auto", "cpu", "cuda"} or params.train.device.startswith("cuda:")
+
+
+def test_empty_file_gives_defaults():
+    assert parse_params(None) == Params()
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [({"collect": {"train_frame": 5}}, "collect.train_frame"), ({"colect": {}}, "colect")],
+)
+def test_unknown_key_names_key_and_allowed_keys(raw, key):
+    message = error_of(raw)
+    assert f"unknown key '{key}'" in message
+    section = CollectParams if key.startswith("collect.") else Params
+    assert all(name in message for name in section.model_fields)
+
+
+def test_wrong_type():
+    message = error_of({"collect": {"train_frames": "many"}})
+    assert "collect.train_frames = 'many'" in message and "valid integer" in message
+
+
+def test_yes_no_is_not_a_number():
+    assert "collect.train_frames = True: expected a number" in error_of({"collect": {"train_frames": True}})
+
+
+def test_negative_frames():
+    message = error_of({"collect": {"holdout_frames": -5}})
+    assert "collect.holdout_frames = -5" in message and "value > 0" in message
+
+
+@pytest.mark.parametrize("key", ["lr_g", "lr_d"])
+@pytest.mark.parametrize("lr", [0, -1e-4])
+def test_learning_rate_must_be_positive(key, lr):
+    message = error_of({"train": {key: lr}})
+    assert f"train.{key} = {lr!r}" in message and "0 < value < 1" in message
+
+
+@pytest.mark.parametrize("key", ["beta1", "beta2"])
+@pytest.mark.parametrize("beta", [1.0, 1.5, -0.1])
+def test_beta_outside_unit_interval(key, beta):
+    message = error_of({"train": {key: beta}})
+    assert f"train.{key} = {beta!r}" in message and "0 <= value < 1" in message
+
+
+def test_beta_edges_allowed():
+    params = parse_params({"train": {"beta1": 0.0, "beta2": 0.9999}})
+    assert (params.train.beta1, params.train.beta2) == (0.0, 0.9999)
+
+
+def test_unknown_game_suggests_closest_ids():
+    message = error_of({"collect": {"games": ["Pong-v4", "Breakout-v44"]}})
+    assert "collect.games" in message and "unknown game 'Breakout-v44'" in message
+    assert "closest valid ids: Breakout-v4" in message
+
+
+def test_game_listed_twice():
+    assert "each game may appear once" in error_of({"collect": {"games": ["Pong-v4", "Pong-v4"]}})
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "CPU", ""])
+def test_bad_device(device):
+    message = error_of({"train": {"device": device}})
+    assert f"train.device = {device!r}" in message and "auto, cpu, cuda, cuda:N" in message
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1"])
+def test_good_device(device):
+    assert parse_params({"train": {"device": device}}).train.device == device
+
+
+def test_bad_interpolation_lists_choices():
+    message = error_of({"collect": {"interpolation": "bilinear"}})
+    assert "collect.interpolation = 'bilinear'" in message
+    assert all(name in message for name in ("linear", "area", "nearest", "cubic"))
+
+
+def test_one_problem_is_one_line_and_all_problems_are_reported():
+    assert "\n" not in error_of({"seed": -1})
+    message = error_of({"collect": {"train_frames": -1, "holdout_frames": -2}})
+    assert "2 invalid values" in message
+    assert "collect.train_frames = -1" in message and "collect.holdout_frames = -2" in message
+
+
+def test_top_level_must_be_a_mapping():
+    assert "expected a mapping" in error_of([1, 2])
+
+
+def test_load_params_reports_file_problems(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("collect: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_effective_applies_the_article_recipe():
+    custom = parse_params({"model": {"gen_filters": 8}, "train": {"lr_g": 3e-3, "batch_size": 128, "ema_decay": 0.99}})
+    assert effective(custom) is custom
+    article = effective(custom.model_copy(update={"train": custom.train.model_copy(update={"recipe": "article"})}))
+    assert article.model.model_dump() == ARTICLE_MODEL
+    assert {k: getattr(article.train, k) for k in ARTICLE_TRAIN} == ARTICLE_TRAIN
+    assert article.train.lr_g == 1e-4 and article.train.batch_size == 16 and article.model.gen_filters == 64
+    # Settings the recipe does not own are kept.
+    assert article.train.iterations == custom.train.iterations and article.collect == custom.collect
+
+
+def test_flatten_uses_dotted_keys():
+    flat = flatten(Params())
+    assert flat["collect.train_frames"] == Params().collect.train_frames
+    assert flat["train.lr_g"] == Params().train.lr_g

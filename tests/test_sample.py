@@ -1,0 +1,80 @@
+"""Loading a trained generator and drawing images from it (API and CLI)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from src.errors import UserError
+from src.models import Generator
+from src.params import parse_params
+from src.sample import GeneratorFileError, default_model_path, generate_images, load_generator, main
+from src.train import _cpu_state, generator_payload, save_torch_atomic
+
+PARAMS = parse_params({"model": {"latent_dim": 16, "gen_filters": 8, "disc_filters": 8}, "train": {"init": "dcgan"}})
+
+
+@pytest.fixture
+def generator_file(tmp_path):
+    torch.manual_seed(0)
+    gen = Generator(16, 8, init="dcgan")
+    gen(torch.randn(8, 16, 1, 1))  # move BN statistics off their defaults
+    path = tmp_path / "models" / "generator.pt"
+    save_torch_atomic(path, generator_payload(_cpu_state(gen), PARAMS, step=7, kind="generator"))
+    return path, gen.eval()
+
+
+def test_load_generator_round_trip(generator_file):
+    path, original = generator_file
+    loaded, meta = load_generator(path)
+    assert not loaded.training
+    assert meta["latent_dim"] == 16 and meta["step"] == 7 and meta["image_shape"] == [3, 64, 64]
+    assert meta["params"]["model.gen_filters"] == 8
+    z = torch.randn(4, 16, 1, 1)
+    assert torch.equal(loaded(z), original(z))
+
+
+def test_generate_images_is_deterministic_uint8_and_batch_independent(generator_file):
+    gen, _ = load_generator(generator_file[0])
+    a = generate_images(gen, 10, latent_dim=16, seed=5, device="cpu", batch_size=3)
+    b = generate_images(gen, 10, latent_dim=16, seed=5, device="cpu", batch_size=256)
+    c = generate_images(gen, 10, latent_dim=16, seed=6, device="cpu")
+    assert a.dtype == torch.uint8 and a.shape == (10, 3, 64, 64) and a.device.type == "cpu"
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_missing_and_corrupt_files_are_user_errors(tmp_path, generator_file):
+    with pytest.raises(GeneratorFileError, match="no generator at .*dvc repro train"):
+        load_generator(tmp_path / "nope.pt")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(GeneratorFileError, match="not a readable generator file"):
+        load_generator(garbage)
+    other = tmp_path / "other.pt"
+    torch.save({"kind": "discriminator", "state_dict": {}}, other)
+    with pytest.raises(GeneratorFileError, match="not a generator written by src.train"):
+        load_generator(other)
+    payload = torch.load(generator_file[0], weights_only=True)
+    payload["model"]["filters"] = 4
+    torch.save(payload, other)
+    with pytest.raises(GeneratorFileError, match="does not match the Generator architecture"):
+        load_generator(other)
+    assert issubclass(GeneratorFileError, UserError)
+
+
+def test_cli_writes_a_grid_and_a_folder(generator_file, tmp_path, monkeypatch):
+    path, _ = generator_file
+    monkeypatch.chdir(tmp_path)
+    assert default_model_path() == path.relative_to(tmp_path)  # no EMA file: the plain generator
+    grid = main(["--n", "6", "--out", str(tmp_path / "grid.png"), "--grid", "--nrow", "3", "--device", "cpu"])
+    assert Image.open(grid).size == (3 * 66 + 2, 2 * 66 + 2)  # 64 px tiles, 2 px padding
+    folder = main(["--n", "5", "--out", str(tmp_path / "imgs"), "--model", str(path), "--seed", "1", "--device", "cpu"])
+    files = sorted(folder.iterdir())
+    assert [f.name for f in files] == [f"{i:04d}.png" for i in range(5)]
+    expected = generate_images(load_generator(path)[0], 5, latent_dim=16, seed=1, device="cpu")
+    first = np.asarray(Image.open(files[0]))
+    assert np.array_equal(first, expected[0].permute(1, 2, 0).numpy())  # PNG keeps the exact pixels
+    with pytest.raises(UserError, match="add --grid"):
+        main(["--out", str(tmp_path / "x.png")])
