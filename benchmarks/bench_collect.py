@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from multiprocessing import forkserver
 import platform
 import random
 import resource
@@ -29,6 +28,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from multiprocessing import forkserver
 from typing import Any
 
 import ale_py
@@ -119,6 +119,10 @@ def bench_params(frames: int, seed: int, **collect: Any) -> Params:
 def ours(params: Params, workers: int) -> tuple[Timing, dict]:
     """`collect_frames` end to end (worker start-up included) for the frames of `params`."""
     frames = params.collect.train_frames + params.collect.holdout_frames
+    # Every run starts its own forkserver, as `python -m src.collect` does (private API; 3.8+).
+    stop = getattr(forkserver._forkserver, "_stop", None)
+    if stop:
+        stop()
     started, cpu = time.perf_counter(), _cpu_now()
     arrays, manifest = collect_frames(params, workers=workers, progress=False)
     timing = Timing(time.perf_counter() - started, _cpu_now() - cpu)

@@ -12,7 +12,7 @@ machine load hits both alike; the table gives medians over `--repeats` windows a
 Floors (issue 3): CPU ratio >= 1.8; one H100: ours >= 30,000 images/s and >= 20x the article.
 
     python benchmarks/bench_train.py                       # CPU
-    python benchmarks/bench_train.py --device cuda [--compile]
+    python benchmarks/bench_train.py --device cuda [--compile | --cuda-graphs]
     ... --write                                            # also update benchmarks/RESULTS.md
 
 Needs torch, numpy, opencv, gymnasium, ale-py, pydantic and pyyaml; not mlflow/dvc/optuna. The
@@ -149,9 +149,10 @@ class OurLoop:
     and at the end of each timed window (so a short window syncs more often, never less)."""
 
     def __init__(self, device: torch.device, batch_size: int, precision: str, channels_last: bool, compile_: bool,
-                 log_every: int, frames: int):
+                 cuda_graphs: bool, log_every: int, frames: int):
         train = {**ARTICLE_TRAIN, "recipe": "custom", "batch_size": batch_size, "precision": precision,
-                 "channels_last": channels_last, "compile": compile_, "device": str(device), "log_every": log_every}
+                 "channels_last": channels_last, "compile": compile_, "cuda_graphs": cuda_graphs,
+                 "device": str(device), "log_every": log_every}
         self.params = parse_params({"train": train})
         with tempfile.TemporaryDirectory() as tmp:
             rng = np.random.default_rng(0)
@@ -212,7 +213,8 @@ def measure(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     random.seed(0)
     article = ArticleLoop(device)
-    ours = OurLoop(device, batch, args.precision, not args.no_channels_last, args.compile, args.log_every, args.frames)
+    ours = OurLoop(device, batch, args.precision, not args.no_channels_last, args.compile, args.cuda_graphs,
+                   args.log_every, args.frames)
     load_before = os.getloadavg()
 
     # Warm-up (oneDNN/cuDNN kernel choice, torch.compile), then size windows to ~window_s seconds.
@@ -247,7 +249,8 @@ def table(res: dict, args: argparse.Namespace) -> str:
         floor = f"ours >= 30,000 img/s and >= 20x: {'met' if med['ours'] >= 30_000 and ratio >= 20 else 'NOT met'}"
     else:
         floor = f"ratio >= 1.8x: {'met' if ratio >= 1.8 else 'NOT met'}"
-    flags = f"channels_last {'off' if args.no_channels_last else 'on'}, compile {'on' if args.compile else 'off'}"
+    flags = (f"channels_last {'off' if args.no_channels_last else 'on'}, compile {'on' if args.compile else 'off'}, "
+             f"CUDA graphs {'on' if args.cuda_graphs else 'off'}")
     (l1, l5, _), (a1, a5, _) = res["load"]
     lines = [
         f"### {'GPU' if device.type == 'cuda' else 'CPU'}",
@@ -300,9 +303,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile our models")
+    parser.add_argument("--cuda-graphs", action="store_true", help="replay our step as a CUDA graph")
     parser.add_argument("--log-every", type=int, default=50, help="our loop's sync interval (train.log_every)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads for both loops (default: torch's choice); 1 is steadier on a shared box")
+                        help="torch CPU threads for both loops (default: torch's); 1 is steadier on a shared box")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=10, help="warm-up iterations of each loop")
     parser.add_argument("--window-s", type=float, default=4.0, help="target seconds per timed window")

@@ -65,7 +65,8 @@ def rand_cutout(x: torch.Tensor, gen: torch.Generator | None = None, ratio: floa
     gx = torch.clamp(gx + ox - size_h // 2, min=0, max=h - 1)
     gy = torch.clamp(gy + oy - size_w // 2, min=0, max=w - 1)
     mask = torch.ones(b, h, w, dtype=x.dtype, device=dev)
-    mask[gb, gx, gy] = 0
+    # A tensor (not a Python 0) keeps the write on the device, so the step can be a CUDA graph.
+    mask.index_put_((gb, gx, gy), torch.zeros((), dtype=x.dtype, device=dev))
     return x * mask.unsqueeze(1)
 
 

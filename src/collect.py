@@ -102,7 +102,10 @@ def _buffer(name: str, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def run_shard(task: ShardTask) -> ShardResult:
-    """Play one shard with a random agent; resize, filter and (optionally) hash every frame."""
+    """Play one shard with a random agent; resize, filter and (optionally) hash every frame.
+
+    The frames depend only on the task: the same task gives the same frames in any process.
+    """
     result = _play_shard(task)
     result.frames = result.frames.copy()
     return result
@@ -257,7 +260,9 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     """
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__ if __name__ != "__main__" else "src.collect"])
+        # What this module imports, not the module itself: `python -m src.collect` runs it again
+        # in each worker as the main module, and runpy warns when it is already imported.
+        context.set_forkserver_preload(["numpy", "cv2", "gymnasium", "ale_py", "src.params"])
     else:
         context = multiprocessing.get_context("spawn")
     return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init)

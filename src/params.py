@@ -57,7 +57,7 @@ class CollectParams(_Section):
     train_frames: int = Field(30_000, gt=0)
     holdout_frames: int = Field(6_000, gt=0)
     workers: int = Field(0, ge=0, description="worker processes; 0 = one per CPU core")
-    shard_frames: int = Field(2_000, gt=0, description="frames per work unit (one env, one seed)")
+    shard_frames: int = Field(5_000, gt=0, description="env steps per work unit (one fresh env, one seed)")
     interpolation: Literal["linear", "area", "nearest", "cubic"] = "linear"
     min_mean: float = Field(0.01, ge=0, le=255, description="article's dark-frame filter, 0..255 scale")
     dedup: bool = True
@@ -104,6 +104,7 @@ class TrainParams(_Section):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     channels_last: bool = True
     compile: bool = False
+    cuda_graphs: bool = Field(True, description="replay each training step as one CUDA graph (CUDA, one process)")
     log_every: int = Field(50, gt=0)
     image_every: int = Field(1_000, gt=0)
     checkpoint_every: int = Field(500, gt=0)

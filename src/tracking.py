@@ -7,9 +7,12 @@ temporary copy under `.dvc/tmp/exps/`, so those runs land in the same database.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 EXPERIMENT = "atari-gan"
@@ -29,8 +32,33 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
+@contextlib.contextmanager
+def _creation_lock(uri: str) -> Iterator[None]:
+    """Serialise first use of a SQLite tracking database across processes.
+
+    MLflow creates and migrates the schema on first connection; two processes doing it at once
+    (parallel tuning workers, queued DVC experiments) corrupt each other's migration.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(uri.removeprefix("sqlite:///") + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @functools.cache
 def _setup(uri: str, experiment: str, artifact_root: str) -> str:
+    with _creation_lock(uri):
+        return _get_or_create_experiment(uri, experiment, artifact_root)
+
+
+def _get_or_create_experiment(uri: str, experiment: str, artifact_root: str) -> str:
     import mlflow
 
     mlflow.set_tracking_uri(uri)

@@ -7,7 +7,8 @@ snapshot with EFFECTIVE params and returns a `TrainResult`; it writes nothing bu
 Speed: the snapshot is copied to the device once as uint8 (`DeviceSampler`); noise and
 augmentation are drawn on the device; per-step losses stay on the device and are read (one sync)
 only every `train.log_every` steps, at checkpoints, at FID steps and at the end. bf16 autocast,
-channels_last, fused Adam (CUDA) and torch.compile are switches in `train.*`.
+channels_last, fused Adam (CUDA), torch.compile and CUDA-graph replay of the whole step are
+switches in `train.*`.
 
 One iteration = `d_steps` discriminator updates and one generator update. As in the article,
 the generator's output of the last D step is reused (detached) by D and then by the G step.
@@ -235,7 +236,17 @@ def _ddp_kwargs() -> dict[str, Any]:
 
 
 class GANTrainer:
-    """The models, optimisers and random streams of one run, and one training iteration."""
+    """The models, optimisers and random streams of one run, and one training iteration.
+
+    With `train.cuda_graphs` (CUDA, one process, no torch.compile) the first `GRAPH_WARMUP` steps
+    run eagerly on a side stream, the next one is captured as a CUDA graph and every step after is
+    one replay: the per-kernel CPU cost (cuDNN calls dominate it at batch 256) is paid once. The
+    sampler's and the noise generator's states are registered with the graph, so every replay
+    draws new batches, noise and augmentations; the EMA update runs eagerly after each replay
+    because its decay changes during warm-up.
+    """
+
+    GRAPH_WARMUP = 3
 
     def __init__(
         self,
@@ -265,9 +276,16 @@ class GANTrainer:
         self.G = generator.to(device, memory_format=self.memory_format)
         self.D = discriminator.to(device, memory_format=self.memory_format)
         self.ema = EMA(self.G, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
-        adam = {"betas": (t.beta1, t.beta2)}
+        self.graphed = t.cuda_graphs and device.type == "cuda" and world_size == 1 and not t.compile
+        if t.cuda_graphs and device.type == "cuda" and not self.graphed:
+            log.warning("train.cuda_graphs needs one process and train.compile: false; running eagerly")
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_out: torch.Tensor | None = None
+        self._warm_steps = 0
+        adam: dict[str, Any] = {"betas": (t.beta1, t.beta2)}
         if device.type == "cuda":
             adam["fused"] = True
+            adam["capturable"] = self.graphed  # step counters on the device, updated inside the graph
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=t.lr_g, **adam)
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=t.lr_d, **adam)
 
@@ -299,7 +317,8 @@ class GANTrainer:
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.precision)
+        # A graph must not keep autocast's cached weight casts: they are freed after capture.
+        return torch.autocast(self.device.type, dtype=self.precision, cache_enabled=not self.graphed)
 
     def _real(self) -> torch.Tensor:
         return self.sampler.sample(self.t.batch_size).contiguous(memory_format=self.memory_format)
@@ -311,7 +330,51 @@ class GANTrainer:
         return diff_augment(x, self.policy, self.rng) if self.policy else x
 
     def step(self) -> torch.Tensor:
-        """One iteration; returns (loss_g, loss_d, D(x), D(G(z))) on the device, without a sync."""
+        """One iteration; returns (loss_g, loss_d, D(x), D(G(z))) on the device, without a sync.
+
+        With CUDA graphs the returned tensor is overwritten by the next step: copy it before then.
+        """
+        if not self.graphed:
+            losses = self._step()
+        elif self._graph is not None:
+            self._graph.replay()
+            losses = self._graph_out
+        elif self._warm_steps < self.GRAPH_WARMUP:
+            self._warm_steps += 1
+            losses = self._on_side_stream(self._step)
+        else:
+            losses = self._capture()
+        self.step_count += 1
+        if self.ema is not None:
+            self.ema.update(self.G, self.step_count)
+        return losses
+
+    def _on_side_stream(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Warm-up before capture runs on a side stream, as torch.cuda.graphs requires."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            out = fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        return out
+
+    def _capture(self) -> torch.Tensor:
+        """Record one step as a CUDA graph and run it (capture alone executes nothing)."""
+        graph = torch.cuda.CUDAGraph()
+        for gen in (self.sampler.generator, self.rng):
+            graph.register_generator_state(gen)
+        try:
+            torch.cuda.synchronize(self.device)
+            with torch.cuda.graph(graph):
+                out = self._step()
+        except RuntimeError as exc:
+            raise UserError(f"train.cuda_graphs: capturing the training step failed ({exc}); "
+                            "set train.cuda_graphs: false in params.yaml") from exc
+        self._graph, self._graph_out = graph, out
+        graph.replay()
+        return out
+
+    def _step(self) -> torch.Tensor:
         t = self.t
         for k in range(t.d_steps):
             last = k == t.d_steps - 1
@@ -340,9 +403,6 @@ class GANTrainer:
         finally:
             self.D.requires_grad_(True)
         self.opt_g.step()
-        self.step_count += 1
-        if self.ema is not None:
-            self.ema.update(self.G, self.step_count)
         with torch.no_grad():
             d_real = torch.sigmoid(real_logits.float()).mean()
             d_fake = torch.sigmoid(fake_logits.float()).mean()

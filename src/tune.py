@@ -32,13 +32,23 @@ def default_storage() -> str:
     return f"sqlite:///{repo_root() / 'optuna.db'}"
 
 
-def make_storage(url: str):
-    import optuna
+def make_storage(url: str, attempts: int = 5):
+    """An Optuna storage; SQLite waits for locks so several worker processes can share one file."""
+    import time
 
-    if url.startswith("sqlite"):
-        # Several worker processes share one SQLite file: wait for locks instead of failing.
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-    return url
+    import optuna
+    import sqlalchemy.exc
+
+    if not url.startswith("sqlite"):
+        return url
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        except sqlalchemy.exc.SQLAlchemyError:
+            # Two workers creating the same new database race on its schema; the loser retries.
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 def make_pruner(name: str, report_every: int, iterations: int):

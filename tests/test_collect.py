@@ -73,7 +73,7 @@ def test_number_of_workers_does_not_change_the_arrays(runs):
     assert manifests[0]["per_game"] == manifests[1]["per_game"], "same shards, seeds and drop counts"
 
 
-def test_other_seed_gives_other_frames(runs, tmp_path):
+def test_other_seed_gives_other_frames(runs):
     other = collect_frames(make_params(seed=2, dedup=True), workers=1, progress=False)[0]
     assert not np.array_equal(other["train_images"], load_snapshot(runs["one_worker"]).train_images)
 

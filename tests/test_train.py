@@ -242,6 +242,13 @@ def test_spectral_norm_and_leaky_relu_options_train():
     assert torch.isfinite(torch.stack([trainer.step() for _ in range(2)])).all()
 
 
+def test_cuda_graphs_option_falls_back_to_eager_off_cuda(caplog):
+    with caplog.at_level(logging.WARNING, logger="src.train"):
+        trainer = trainer_for(tiny(cuda_graphs=True))
+    assert not trainer.graphed and "running eagerly" in caplog.text
+    assert torch.isfinite(trainer.step()).all() and trainer.step_count == 1
+
+
 def test_compile_option_trains():
     trainer = trainer_for(tiny(compile=True))
     rows = torch.stack([trainer.step() for _ in range(2)])
