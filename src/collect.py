@@ -1,14 +1,19 @@
 """Stage `collect`: random agents play Atari, their screens frozen into the frame snapshot.
 
-Work is cut into shards: one fresh env instance, one seed and a fixed number of env steps each.
-A shard's seed comes from `np.random.SeedSequence(seed)` with spawn key (split, game index, shard
-index), so train and holdout never share an env stream, and a shard's frames depend only on those
-four numbers (a shorter shard is a prefix of the longer one). Shards run in worker processes and
-are merged in shard order, so the arrays are bit-identical whatever the number of workers.
+Work is cut into shards: a number of env steps from `env.reset(seed=shard_seed)` and
+`action_space.seed(shard_seed)`. A shard's seed comes from `np.random.SeedSequence(seed)` with
+spawn key (split, game index, shard index), so train and holdout never share an env stream, and a
+shard's frames depend only on those four numbers (a shorter shard is a prefix of the longer one).
+A worker process keeps one env per (split, game) and reseeds it for each shard: a reset with a seed
+reloads the ROM and reseeds the emulator, so a reused env plays exactly what a fresh one would.
 
 Each frame is resized to 64x64 in the worker, passed through the article's dark-frame test (on
-the small frame) and hashed; the parent keeps the first occurrence of each exact frame per
-(split, game), and tops a stream up with further shards until its share is reached.
+the small frame) and hashed. The frames of a run live in one shared scratch file: a shard's task
+names the rows its frames would take if none were dropped, and the worker writes them there, so no
+frame is sent between processes. The parent then merges shards in shard order, keeps the first
+occurrence of each exact frame per (split, game) (moving later frames up over the dropped ones),
+and tops a stream up with further shards until its share is reached. So the arrays are
+bit-identical whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import math
 import multiprocessing
 import os
 import platform
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -25,20 +31,23 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ale_py
 import cv2
 import gymnasium as gym
 import numpy as np
 
-# Spawned workers import this module: torch (pulled in by src.data) stays out of the module
-# level, or every worker would pay seconds to import it.
+# Spawned workers import this module: torch (pulled in by src.data) and pydantic (src.params)
+# stay out of the module level, or every worker would pay for importing them.
 from src.errors import UserError, run_cli
-from src.params import Params, load_params
+
+if TYPE_CHECKING:
+    from src.params import Params
 
 SPLITS = ("train", "holdout")
 SIZE = 64
+FRAME_SHAPE = (3, SIZE, SIZE)
 INTERPOLATIONS = {
     "linear": cv2.INTER_LINEAR,  # cv2.resize's default, what the article's wrapper uses
     "area": cv2.INTER_AREA,
@@ -47,7 +56,7 @@ INTERPOLATIONS = {
 }
 SHUFFLE_KEY = (len(SPLITS),)  # a spawn key no shard uses (shard keys have three parts)
 TOPUP_MARGIN = 1.25  # top-up shards play this much more than the yield so far says is needed
-# A fresh env costs ~0.2 s (two ROM loads), as much as ~700 steps: no tiny top-up shards.
+# A reseed costs ~0.09 s (a ROM load), as much as ~400 steps: no tiny top-up shards.
 TOPUP_MIN_STEPS = 500
 
 
@@ -55,9 +64,14 @@ class CollectError(UserError):
     pass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ShardTask:
-    """One unit of work: `steps` env steps of `game` in one fresh env seeded with `seed`."""
+    """One unit of work: `steps` env steps of `game` from `env.reset(seed=seed)`.
+
+    With a `sink` (the path of the run's shared frame file), the worker writes its first kept
+    frames straight into rows `slots` of that file and returns only the frames beyond them;
+    without one, it returns all its frames.
+    """
 
     split: str
     game_index: int
@@ -68,13 +82,16 @@ class ShardTask:
     interpolation: str
     min_mean: float
     hash_frames: bool
+    sink: str | None = None
+    slots: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
 
 
 @dataclass
 class ShardResult:
     task: ShardTask
-    frames: np.ndarray  # (n, 3, 64, 64) uint8: the frames that passed the dark-frame filter
-    hashes: list[bytes]  # sha256 of each frame (empty when dedup is off)
+    kept: int  # frames that passed the dark-frame filter, in play order
+    frames: np.ndarray  # (n, 3, 64, 64) uint8: the kept frames from number len(task.slots) on
+    hashes: list[bytes]  # sha256 of each kept frame (empty when dedup is off)
     dark: int  # frames the dark-frame filter dropped
 
 
@@ -90,76 +107,95 @@ def game_shares(total: int, n_games: int) -> list[int]:
     return [base + (i < extra) for i in range(n_games)]
 
 
+# Per-process state, kept across shards: envs (a new one costs a second ROM load), the frame
+# buffer (fresh memory is slow to touch on a VM) and the mapped sink.
+_envs: dict[tuple[str, str], gym.Env] = {}
 _buffers: dict[str, np.ndarray] = {}
+_sinks: dict[str, np.ndarray] = {}
+
+
+def worker_env(split: str, game: str) -> gym.Env:
+    """This process's env for (split, game), made on first use; train and holdout never share one."""
+    env = _envs.get((split, game))
+    if env is None:
+        gym.register_envs(ale_py)
+        ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # no banner from every worker
+        env = _envs[(split, game)] = gym.make(game)
+    return env
+
+
+def release_worker_state() -> None:
+    """Close this process's envs and drop its buffers and sink mapping."""
+    for env in _envs.values():
+        env.close()
+    _envs.clear()
+    _buffers.clear()
+    _sinks.clear()
 
 
 def _buffer(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A per-process array reused across shards: fresh memory is slow to touch on a VM (~2 ms/MB)."""
     buffer = _buffers.get(name)
     if buffer is None or len(buffer) < shape[0]:
         buffer = _buffers[name] = np.empty(shape, np.uint8)
     return buffer[: shape[0]]
 
 
+def _sink(path: str) -> np.ndarray:
+    if path not in _sinks:
+        _sinks.clear()  # another run's file
+        _sinks[path] = np.memmap(path, np.uint8, "r+").reshape(-1, *FRAME_SHAPE)
+    return _sinks[path]
+
+
 def run_shard(task: ShardTask) -> ShardResult:
     """Play one shard with a random agent; resize, filter and (optionally) hash every frame.
 
-    The frames depend only on the task: the same task gives the same frames in any process.
+    The frames depend only on the task: the same task gives the same frames in any process, on
+    a fresh env or on one that played other shards before.
     """
-    result = _play_shard(task)
-    result.frames = result.frames.copy()
-    return result
-
-
-def _play_shard(task: ShardTask) -> ShardResult:
-    """`run_shard` for pool workers: the frames are a view of this process's buffer, valid until
-    its next shard (a worker pickles its result before it takes the next task)."""
-    gym.register_envs(ale_py)
-    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # no banner from every worker
     interpolation = INTERPOLATIONS[task.interpolation]
     threshold = task.min_mean * 3  # cv2.mean gives one mean per channel: compare their sum
     hwc = _buffer("hwc", (task.steps, SIZE, SIZE, 3))
     kept = 0
-    env = gym.make(task.game)
-    try:
-        # Both seeds are needed for a reproducible rollout (DESIGN.md).
-        env.reset(seed=task.seed)
-        env.action_space.seed(task.seed)
-        for _ in range(task.steps):
-            obs, _, terminated, truncated, _ = env.step(env.action_space.sample())
-            small = cv2.resize(obs, (SIZE, SIZE), dst=hwc[kept], interpolation=interpolation)
-            # The article's np.mean(obs) > 0.01, taken on the 64x64 frame: cv2.mean there costs
-            # ~1 us where np.mean on the raw frame costs ~40 us.
-            m = cv2.mean(small)
-            if m[0] + m[1] + m[2] > threshold:
-                kept += 1
-            if terminated or truncated:
-                env.reset()
-    finally:
-        env.close()
-    # To CHW here, in parallel, into a reused buffer: the parent then copies whole frames.
-    frames = _buffer("chw", (kept, 3, SIZE, SIZE))
-    np.copyto(frames, hwc[:kept].transpose(0, 3, 1, 2))
-    hashes = [hashlib.sha256(frame).digest() for frame in frames] if task.hash_frames else []
-    return ShardResult(task=task, frames=frames, hashes=hashes, dark=task.steps - kept)
+    env = worker_env(task.split, task.game)
+    # Both seeds are needed for a reproducible rollout (DESIGN.md).
+    env.reset(seed=task.seed)
+    env.action_space.seed(task.seed)
+    for _ in range(task.steps):
+        obs, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        small = cv2.resize(obs, (SIZE, SIZE), dst=hwc[kept], interpolation=interpolation)
+        # The article's np.mean(obs) > 0.01, taken on the 64x64 frame: cv2.mean there costs
+        # ~1 us where np.mean on the raw frame costs ~40 us.
+        m = cv2.mean(small)
+        if m[0] + m[1] + m[2] > threshold:
+            kept += 1
+        if terminated or truncated:
+            env.reset()
+    hashes = [hashlib.sha256(frame).digest() for frame in hwc[:kept]] if task.hash_frames else []
+    chw = hwc[:kept].transpose(0, 3, 1, 2)  # HWC -> CHW here, in parallel, as the frames are copied out
+    placed = min(kept, len(task.slots))
+    if placed:
+        _sink(task.sink)[task.slots[:placed]] = chw[:placed]
+    return ShardResult(task=task, kept=kept, frames=np.ascontiguousarray(chw[placed:]), hashes=hashes, dark=task.steps - kept)
 
 
 @dataclass
 class _Stream:
-    """The frames of one (split, game): shards planned, then merged in shard order into `slots`.
+    """The frames of one (split, game): shards planned, then merged in shard order.
 
-    A merged frame is final (later shards only append), so it goes straight to its place in the
-    split's array while other shards still play, and its shard's buffer can be freed.
+    A round's shards are planned to fill the stream's next positions; each frame of the stream
+    has its row (`slots`) in the run's frame array, so a worker can write it where it belongs.
+    Merging only moves a frame when an earlier one was dropped; a merged frame is final.
     """
 
     split: str
     game_index: int
     game: str
     dedup: bool
-    images: np.ndarray  # the whole split's (N, 3, 64, 64) array
-    slots: np.ndarray  # where this stream's frames go in `images`, in merge order
+    images: np.ndarray  # the run's (N, 3, 64, 64) frame array: all splits
+    slots: np.ndarray  # rows of `images` for this stream's frames, in merge order
     count: int = 0
-    seen: dict[bytes, int] = field(default_factory=dict)  # frame sha256 -> slot of its first occurrence
+    seen: dict[bytes, int] = field(default_factory=dict)  # frame sha256 -> row of its first occurrence
     env_steps: int = 0
     dark: int = 0
     duplicates: int = 0
@@ -211,29 +247,31 @@ class _Stream:
             result = self.waiting[index]
             assert result is not None
             self.waiting[index] = None  # free the shard's frames once placed
-            self.env_steps += result.task.steps
+            task = result.task
+            self.env_steps += task.steps
             self.dark += result.dark
-            self.shards.append({"index": index, "seed": result.task.seed, "steps": result.task.steps})
-            frames, room = result.frames, self.target - self.count
-            if not self.dedup:
-                take = frames[:room]
-                self.images[self.slots[self.count : self.count + len(take)]] = take
-                self.count += len(take)
-                self.surplus += len(frames) - len(take)
-                continue
-            for i, digest in enumerate(result.hashes):
+            self.shards.append({"index": index, "seed": task.seed, "steps": task.steps})
+            placed = len(task.slots)
+            for i in range(result.kept):
                 if self.count == self.target:
-                    self.surplus += len(frames) - i
+                    self.surplus += result.kept - i
                     break
-                frame = frames[i]
-                first = self.seen.get(digest)
-                # Compare bytes on a digest match, so removal is exact even in theory.
-                if first is not None and np.array_equal(self.images[first], frame):
-                    self.duplicates += 1
-                    continue
-                slot = self.slots[self.count]
-                self.images[slot] = frame
-                self.seen.setdefault(digest, slot)
+                # Frame i is in the row planned for it, or came back with the result.
+                row = task.slots[i] if i < placed else -1
+                frame = self.images[row] if i < placed else result.frames[i - placed]
+                if self.dedup:
+                    digest = result.hashes[i]
+                    first = self.seen.get(digest)
+                    # Compare bytes on a digest match, so removal is exact even in theory.
+                    if first is not None and np.array_equal(self.images[first], frame):
+                        self.duplicates += 1
+                        continue
+                # Rows of earlier positions are final or free: moving a frame up overwrites nothing.
+                dest = self.slots[self.count]
+                if dest != row:
+                    self.images[dest] = frame
+                if self.dedup:
+                    self.seen.setdefault(digest, dest)
                 self.count += 1
         self.round_new = self.count - before
 
@@ -262,90 +300,145 @@ def _pool(workers: int) -> ProcessPoolExecutor:
         context = multiprocessing.get_context("forkserver")
         # What this module imports, not the module itself: `python -m src.collect` runs it again
         # in each worker as the main module, and runpy warns when it is already imported.
-        context.set_forkserver_preload(["numpy", "cv2", "gymnasium", "ale_py", "src.params"])
+        context.set_forkserver_preload(["numpy", "cv2", "gymnasium", "ale_py"])
     else:
         context = multiprocessing.get_context("spawn")
     return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init)
 
 
-def play(params: Params, workers: int | None = None, progress: bool = True) -> tuple[dict[str, np.ndarray], list[_Stream]]:
-    """Run every shard the streams need, in worker processes; fill the snapshot arrays in shard order."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process
+    return True
+
+
+def _frame_file(rows: int, scratch: str | os.PathLike | None) -> tuple[str, np.ndarray]:
+    """A temporary file for `rows` frames, mapped shared: workers write frames, the parent reads them.
+
+    Its name holds this process's id: a run that was killed before it could delete its file has
+    the file deleted by the next run in the same folder.
+    """
+    for old in Path(scratch or tempfile.gettempdir()).glob(".collect-*.frames"):
+        pid = old.name.split("-")[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            old.unlink(missing_ok=True)
+    fd, path = tempfile.mkstemp(prefix=f".collect-{os.getpid()}-", suffix=".frames", dir=scratch)
+    size = rows * math.prod(FRAME_SHAPE)
+    try:
+        # Reserve the disk space now: a full disk then fails here, not as a SIGBUS in a worker.
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+        else:
+            os.ftruncate(fd, size)
+    except OSError as exc:
+        os.unlink(path)
+        raise CollectError(
+            f"cannot reserve {size / 1e6:.0f} MB for the frames in {Path(path).parent} ({exc.strerror}): "
+            "free disk space there or lower collect.train_frames / collect.holdout_frames"
+        ) from None
+    finally:
+        os.close(fd)
+    return path, np.memmap(path, np.uint8, "r+", shape=(rows, *FRAME_SHAPE))
+
+
+def play(
+    params: Params, workers: int | None = None, progress: bool = True, scratch: str | os.PathLike | None = None
+) -> tuple[dict[str, np.ndarray], list[_Stream]]:
+    """Run every shard the streams need, in worker processes; fill the snapshot arrays in shard order.
+
+    The frames are collected in a temporary file in `scratch` (default: the system's temp folder),
+    deleted before this returns; the returned image arrays map it, so they stay valid.
+    """
     cfg = params.collect
     games = list(cfg.games)
     if len(games) > 256:
         raise CollectError(f"collect.games lists {len(games)} games; labels are uint8, so at most 256 are allowed")
-    arrays: dict[str, np.ndarray] = {}
-    streams: list[_Stream] = []
-    rng = np.random.default_rng(np.random.SeedSequence(params.seed, spawn_key=SHUFFLE_KEY))
-    for split, total in (("train", cfg.train_frames), ("holdout", cfg.holdout_frames)):
-        images = arrays[f"{split}_images"] = np.empty((total, 3, SIZE, SIZE), np.uint8)
-        labels = arrays[f"{split}_labels"] = np.empty(total, np.uint8)
-        # A seeded permutation of places, so any prefix of a split mixes all games.
-        places = rng.permutation(total)
-        start = 0
-        for g, share in enumerate(game_shares(total, len(games))):
-            slots = places[start : start + share]
-            labels[slots] = g
-            streams.append(_Stream(split=split, game_index=g, game=games[g], dedup=cfg.dedup, images=images, slots=slots))
-            start += share
-
-    def next_round(stream: _Stream) -> list[ShardTask]:
-        return [
-            ShardTask(stream.split, stream.game_index, index, stream.game,
-                      shard_seed(params.seed, stream.split, stream.game_index, index),
-                      steps, cfg.interpolation, cfg.min_mean, cfg.dedup)
-            for index, steps in stream.plan(cfg.shard_frames)
-        ]
-
-    by_key = {(s.split, s.game_index): s for s in streams}
-    queue = deque(sorted((t for s in streams for t in next_round(s)), key=lambda t: -t.steps))
-    workers = min(_resolve_workers(workers, params), len(queue))
-    from tqdm import tqdm
-
-    bar = tqdm(total=sum(t.steps for t in queue), unit="frame", unit_scale=True, desc="collect",
-               disable=not progress, smoothing=0.1)
-    executor = _pool(workers) if workers > 1 else None  # workers=1 runs here, with no start-up
-    running: set = set()
+    workers = _resolve_workers(workers, params)
+    sink, images = _frame_file(cfg.train_frames + cfg.holdout_frames, scratch)
+    executor = None
     try:
-        while queue or running:
-            if executor is None:
-                finished = [run_shard(queue.popleft())]
-            else:
-                # Hand out work lazily (one spare task beyond the busy workers), so that a top-up
-                # put at the front of the queue runs next, not after everything already queued.
-                while queue and len(running) <= workers:
-                    running.add(executor.submit(_play_shard, queue.popleft()))
-                done, running = wait(running, return_when=FIRST_COMPLETED)
-                finished = [future.result() for future in done]
-            for result in finished:
-                bar.update(result.task.steps)
-                stream = by_key[(result.task.split, result.task.game_index)]
-                stream.waiting[result.task.index] = result
-                # A stream plans its next round once all its shards are in, whatever the other
-                # streams do: the plan then depends only on that stream's own frames.
-                if all(r is not None for r in stream.waiting.values()):
-                    stream.merge()
-                    tasks = next_round(stream)
-                    queue.extendleft(reversed(tasks))  # top-ups first: they gate their stream
-                    bar.total += sum(t.steps for t in tasks)
-                    bar.refresh()
+        arrays: dict[str, np.ndarray] = {}
+        streams: list[_Stream] = []
+        rng = np.random.default_rng(np.random.SeedSequence(params.seed, spawn_key=SHUFFLE_KEY))
+        first_row = 0
+        for split, total in (("train", cfg.train_frames), ("holdout", cfg.holdout_frames)):
+            arrays[f"{split}_images"] = np.asarray(images[first_row : first_row + total])
+            labels = arrays[f"{split}_labels"] = np.empty(total, np.uint8)
+            # A seeded permutation of places, so any prefix of a split mixes all games.
+            places = rng.permutation(total)
+            start = 0
+            for g, share in enumerate(game_shares(total, len(games))):
+                slots = places[start : start + share]
+                labels[slots] = g
+                streams.append(_Stream(split=split, game_index=g, game=games[g], dedup=cfg.dedup,
+                                       images=images, slots=first_row + slots))
+                start += share
+            first_row += total
+
+        def next_round(stream: _Stream) -> list[ShardTask]:
+            tasks, position = [], stream.count
+            for index, steps in stream.plan(cfg.shard_frames):
+                seed = shard_seed(params.seed, stream.split, stream.game_index, index)
+                tasks.append(ShardTask(stream.split, stream.game_index, index, stream.game, seed, steps,
+                                       cfg.interpolation, cfg.min_mean, cfg.dedup,
+                                       sink=sink, slots=stream.slots[position : position + steps]))
+                position += steps
+            return tasks
+
+        by_key = {(s.split, s.game_index): s for s in streams}
+        # Longest shards first, so the last ones to finish are short; among equal ones, one shard of
+        # each stream in turn, so a worker often gets a stream it already has the env of.
+        queue = deque(sorted((t for s in streams for t in next_round(s)), key=lambda t: (-t.steps, t.index)))
+        workers = min(workers, len(queue))
+        from tqdm import tqdm
+
+        executor = _pool(workers) if workers > 1 else None  # workers=1 runs here, with no start-up
+        running: set = set()
+        with tqdm(total=sum(t.steps for t in queue), unit="frame", unit_scale=True, desc="collect",
+                  disable=not progress, smoothing=0.1) as bar:
+            while queue or running:
+                if executor is None:
+                    finished = [run_shard(queue.popleft())]
+                else:
+                    # Hand out work lazily (one spare task beyond the busy workers), so that a top-up
+                    # put at the front of the queue runs next, not after everything already queued.
+                    while queue and len(running) <= workers:
+                        running.add(executor.submit(run_shard, queue.popleft()))
+                    done, running = wait(running, return_when=FIRST_COMPLETED)
+                    finished = [future.result() for future in done]
+                for result in finished:
+                    bar.update(result.task.steps)
+                    stream = by_key[(result.task.split, result.task.game_index)]
+                    stream.waiting[result.task.index] = result
+                    # A stream plans its next round once all its shards are in, whatever the other
+                    # streams do: the plan then depends only on that stream's own frames.
+                    if all(r is not None for r in stream.waiting.values()):
+                        stream.merge()
+                        tasks = next_round(stream)
+                        queue.extendleft(reversed(tasks))  # top-ups first: they gate their stream
+                        bar.total += sum(t.steps for t in tasks)
+                        bar.refresh()
     finally:
-        bar.close()
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
-        _buffers.clear()  # shards that ran in this process (workers=1) leave their buffers here
+        release_worker_state()  # shards that ran in this process (workers=1) leave their state here
+        os.unlink(sink)  # the mapping in `images` outlives the name
     return arrays, streams
 
 
 def collect_frames(
-    params: Params, workers: int | None = None, progress: bool = True
+    params: Params, workers: int | None = None, progress: bool = True, scratch: str | os.PathLike | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Play the games of `params.collect`; return the snapshot arrays and the manifest fields."""
     cfg = params.collect
     games = list(cfg.games)
     workers = _resolve_workers(workers, params)
     started = time.perf_counter()
-    arrays, streams = play(params, workers=workers, progress=progress)
+    arrays, streams = play(params, workers=workers, progress=progress, scratch=scratch)
     elapsed = time.perf_counter() - started
     per_game: dict[str, dict[str, Any]] = {split: {} for split in SPLITS}
     for stream in streams:
@@ -398,8 +491,11 @@ def collect_snapshot(
     """Collect the frames `params` asks for and write them as a snapshot at `out_dir`, atomically."""
     from src.data import write_snapshot
 
-    arrays, manifest = collect_frames(params, workers=workers, progress=progress)
-    return write_snapshot(Path(out_dir), arrays, manifest)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Frames are gathered in a temporary file beside the snapshot: same disk, not a small /tmp.
+    arrays, manifest = collect_frames(params, workers=workers, progress=progress, scratch=out_dir.parent)
+    return write_snapshot(out_dir, arrays, manifest)
 
 
 def summary(manifest: dict[str, Any], path: Path) -> str:
@@ -417,6 +513,7 @@ def summary(manifest: dict[str, Any], path: Path) -> str:
 
 def main() -> None:
     from src.data import DEFAULT_DIR, load_snapshot
+    from src.params import load_params
 
     params = load_params()
     path = collect_snapshot(params, DEFAULT_DIR)

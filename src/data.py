@@ -201,7 +201,8 @@ class DeviceSampler:
 
     def __init__(self, images: np.ndarray, device: torch.device | str, seed: int):
         self.device = torch.device(device)
-        self.images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        # A real copy: snapshot arrays are read-only memory maps, which torch cannot wrap safely.
+        self.images = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).to(self.device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
 

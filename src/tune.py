@@ -173,6 +173,10 @@ def summary_table(study) -> str:
     complete = study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
     if complete:
         rows.append(f"\nbest: trial {study.best_trial.number}, FID {study.best_value:.2f}, {study.best_params}")
+        first = study.trials[0]
+        if first.value is not None and first.system_attrs.get("fixed_params"):
+            rows.append(f"trial 0 (the params.yaml values) FID {first.value:.2f}: best is "
+                        f"{first.value - study.best_value:.2f} lower ({study.best_value / first.value:.2f}x)")
     return "\n".join(rows)
 
 
@@ -209,6 +213,10 @@ def apply_best(path: Path, best: dict[str, float]) -> None:
     yaml = YAML()
     yaml.preserve_quotes = True
     yaml.width = 4096
+    # ruamel writes None as an empty value; keep params.yaml's explicit `null`s untouched.
+    yaml.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
     data = yaml.load(path.read_text())
     for key, value in best.items():
         data["train"][key] = float(f"{value:.6g}")
@@ -231,6 +239,9 @@ def tune(params: Params, *, n_trials: int, timeout: float | None, study_name: st
     device = resolve_device(params.train.device)
     study = load_study(params, study_name, storage)
     before = len(study.trials)
+    if before == 0:
+        # A new study starts from the current params.yaml values, so the gain over them is measured.
+        study.enqueue_trial({key: getattr(params.train, key) for key in params.tune.space})
 
     def progress(study, trial) -> None:
         value = "-" if trial.value is None else f"{trial.value:.2f}"

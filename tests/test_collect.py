@@ -22,8 +22,10 @@ from src.collect import (
     collect_frames,
     collect_snapshot,
     game_shares,
+    release_worker_state,
     run_shard,
     shard_seed,
+    worker_env,
 )
 from src.data import load_snapshot
 from src.params import REPO_ROOT, CollectParams, Params
@@ -187,6 +189,55 @@ def test_dark_frame_filter_counts_what_it_drops():
     assert all(frame.mean() > 50.0 for frame in result.frames)
 
 
+def test_a_reused_env_plays_like_a_fresh_one():
+    # Workers keep one env per (split, game) and reseed it per shard: what it played before must not show.
+    task = ShardTask("holdout", 0, 3, "Breakout-v4", 21, 60, "linear", 0.01, False)
+    release_worker_state()
+    fresh = run_shard(task).frames
+    env = worker_env("holdout", "Breakout-v4")
+    run_shard(ShardTask("holdout", 0, 4, "Breakout-v4", 22, 300, "linear", 0.01, False))  # another seed, far into a game
+    reused = run_shard(task).frames
+    assert worker_env("holdout", "Breakout-v4") is env, "the shards ran on the same env object"
+    assert worker_env("train", "Breakout-v4") is not env, "train and holdout never share an env"
+    release_worker_state()
+    np.testing.assert_array_equal(reused, fresh)
+
+
+def test_frames_dropped_by_the_filter_are_filled_in_shard_order(tmp_path):
+    """Workers write frames into the rows planned for them; a dark frame makes the later ones move up."""
+    params = make_params(games=["AirRaid-v4"], train_frames=120, holdout_frames=40, shard_frames=50, min_mean=50.0)
+    arrays, m = collect_frames(params, workers=2, progress=False, scratch=tmp_path)
+    assert not list(tmp_path.iterdir()), "the frame file is deleted; the arrays keep its mapping"
+    for split in SPLITS:
+        stats = m["per_game"][split]["AirRaid-v4"]
+        assert stats["dark_dropped"] > 0 and len(stats["shards"]) > 1
+        played = [run_shard(ShardTask(split, 0, s["index"], "AirRaid-v4", s["seed"], s["steps"], "linear", 50.0, False)).frames
+                  for s in stats["shards"]]
+        expected = np.concatenate(played)[: m["counts"][split]["AirRaid-v4"]]
+        assert Counter(digests(arrays[f"{split}_images"])) == Counter(digests(expected)), split
+    one = collect_frames(params, workers=1, progress=False, scratch=tmp_path)[0]
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(one[name], array, err_msg=name)
+
+
+def test_no_room_for_the_frame_file_fails_clearly(tmp_path, monkeypatch):
+    def full_disk(fd, offset, size):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full_disk, raising=False)
+    with pytest.raises(CollectError, match=r"cannot reserve 3 MB for the frames in .*No space left.*collect.train_frames"):
+        collect_frames(make_params(), workers=1, progress=False, scratch=tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_killed_runs_frame_file_is_deleted_by_the_next_run(tmp_path):
+    dead, alive = tmp_path / ".collect-999999999-x1.frames", tmp_path / f".collect-{os.getppid()}-x2.frames"
+    dead.write_bytes(b"left by a killed run")
+    alive.write_bytes(b"a running collect's")
+    collect_frames(make_params(games=["Pong-v4"], train_frames=10, holdout_frames=5), workers=1, progress=False, scratch=tmp_path)
+    assert sorted(tmp_path.iterdir()) == [alive]
+
+
 def test_run_shard_results_do_not_share_memory():
     # Shards reuse a frame buffer inside a process; what run_shard returns must be the caller's own.
     a = run_shard(ShardTask("train", 0, 0, "Pong-v4", 1, 20, "linear", 0.01, False))
@@ -196,10 +247,11 @@ def test_run_shard_results_do_not_share_memory():
     np.testing.assert_array_equal(a.frames, kept)
 
 
-def test_a_filter_that_drops_everything_fails_clearly():
+def test_a_filter_that_drops_everything_fails_clearly(tmp_path):
     params = make_params(games=["Pong-v4"], train_frames=10, holdout_frames=5, shard_frames=20, min_mean=255)
-    with pytest.raises(CollectError, match=r"Pong-v4 \(train\): 20 env steps gave no new frame.*collect.min_mean"):
-        collect_frames(params, workers=1, progress=False)
+    with pytest.raises(CollectError, match=r"Pong-v4 \((train|holdout)\): 20 env steps gave no new frame.*collect.min_mean"):
+        collect_frames(params, workers=2, progress=False, scratch=tmp_path)
+    assert not list(tmp_path.iterdir()), "the frame file is deleted on failure too"
 
 
 def test_manifest_records_how_the_snapshot_was_made(plain):
