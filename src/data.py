@@ -79,6 +79,22 @@ def _remove_dead_temps(out_dir: Path) -> None:
             pass  # alive, owned by someone else
 
 
+def save_torch_atomic(path: Path, payload: Any) -> None:
+    """torch.save to a temporary sibling, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_snapshot(out_dir: Path, arrays: dict[str, np.ndarray], manifest: dict[str, Any]) -> Path:
     """Write `arrays` (named as in `array_files()`, without `.npy`) and the manifest, atomically.
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from src import fid
 from src.data import Snapshot, load_snapshot, write_json_atomic
+from src.device import resolve_device
 from src.errors import UserError, run_cli
 from src.params import Params, load_params
 
@@ -44,14 +45,6 @@ class EvaluateError(UserError):
 
 class SmallSampleWarning(UserWarning):
     pass
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise EvaluateError(f"evaluate.device = {name!r} but no CUDA GPU is available; use auto or cpu")
-    return torch.device(name)
 
 
 def pick_generator(models_dir: Path) -> Path:
@@ -228,7 +221,7 @@ def run_evaluation(params: Params, *, snapshot_dir: Path = SNAPSHOT_DIR, models_
                    progress: bool = True) -> dict:
     """Everything but MLflow: check inputs, measure, then write the grid and `metrics_file`."""
     ev = params.evaluate
-    device = resolve_device(ev.device)
+    device = resolve_device(ev.device, key="evaluate.device")
     snapshot = load_snapshot(snapshot_dir)
     check_sample_counts(ev.num_samples, snapshot)
     generator_path = pick_generator(models_dir)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from src.data import file_sha256
+from src.data import file_sha256, save_torch_atomic
 from src.errors import UserError
 
 if TYPE_CHECKING:
@@ -306,19 +306,6 @@ def real_selection(total: int, count: int | None) -> np.ndarray | None:
     return np.sort(rng.choice(total, size=count, replace=False))
 
 
-def _save_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def real_features(extractor: InceptionFeatures, snapshot: Snapshot, split: str, count: int | None = None,
                   cache_dir: Path | None = None) -> torch.Tensor:
     """Features of a snapshot split (all frames, or a fixed subset of `count`), cached on disk."""
@@ -343,7 +330,7 @@ def real_features(extractor: InceptionFeatures, snapshot: Snapshot, split: str, 
             warnings.warn(f"ignoring unreadable FID cache file {path} ({exc}); recomputing", stacklevel=2)
     selected = images if index is None else images[index]
     features = extractor(selected, desc=f"Inception features ({split})")
-    _save_atomic(path, {"key": key_fields, "features": features})
+    save_torch_atomic(path, {"key": key_fields, "features": features})
     return features
 
 

@@ -12,10 +12,10 @@ import functools
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from src.errors import UserError
 
@@ -52,6 +52,15 @@ def ale_game_ids() -> tuple[str, ...]:
     return tuple(sorted(k for k, spec in gym.registry.items() if "ale_py" in str(spec.entry_point)))
 
 
+def _check_device(device: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ValueError(f"unknown device {device!r}; allowed: auto, cpu, cuda, cuda:N")
+    return device
+
+
+DeviceName = Annotated[str, AfterValidator(_check_device)]
+
+
 class CollectParams(_Section):
     games: list[str] = Field(default_factory=lambda: ["Breakout-v4", "AirRaid-v4", "Pong-v4"], min_length=1)
     train_frames: int = Field(30_000, gt=0)
@@ -84,7 +93,7 @@ class ModelParams(_Section):
 
 class TrainParams(_Section):
     recipe: Literal["article", "custom"] = "custom"
-    device: str = "auto"
+    device: DeviceName = "auto"
     iterations: int = Field(20_000, gt=0)
     time_budget_s: float | None = Field(None, gt=0)
     batch_size: int = Field(64, gt=0)
@@ -111,13 +120,6 @@ class TrainParams(_Section):
     fid_every: int = Field(0, ge=0, description="0 = no FID during training")
     fid_samples: int = Field(500, ge=2)
 
-    @field_validator("device")
-    @classmethod
-    def _device(cls, device: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-            raise ValueError(f"unknown device {device!r}; allowed: auto, cpu, cuda, cuda:N")
-        return device
-
     @field_validator("augment")
     @classmethod
     def _augment(cls, augment: str) -> str:
@@ -133,14 +135,7 @@ class EvaluateParams(_Section):
     batch_size: int = Field(100, gt=0)
     kid_subset_size: int = Field(1_000, ge=2)
     inception_weights: str | None = Field(None, description="path to the torch-fidelity InceptionV3 weights")
-    device: str = Field("auto", description="auto = the GPU when there is one")
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, device: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-            raise ValueError(f"unknown device {device!r}; allowed: auto, cpu, cuda, cuda:N")
-        return device
+    device: DeviceName = Field("auto", description="auto = the GPU when there is one")
 
 
 class SearchRange(_Section):

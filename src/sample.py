@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from src.data import to_uint8
+from src.device import resolve_device
 from src.errors import UserError, run_cli
 from src.models import Generator
 from src.params import IMAGE_SHAPE
@@ -120,14 +121,6 @@ def write_folder(images: torch.Tensor, out: Path) -> Path:
     return out
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} but CUDA is not available here; use --device cpu or auto")
-    return torch.device(name)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m src.sample", description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=64, help="number of images (default 64)")
@@ -147,7 +140,7 @@ def main(argv: list[str] | None = None) -> Path:
         raise UserError("--n, --batch-size and --nrow must be at least 1")
     if not args.grid and args.out.suffix.lower() == ".png":
         raise UserError(f"--out {args.out} looks like a file: add --grid for one grid image, or give a folder")
-    device = _device(args.device)
+    device = resolve_device(args.device, key="--device")
     generator, meta = load_generator(args.model or default_model_path(), device)
     images = generate_images(generator, args.n, latent_dim=meta["latent_dim"], seed=args.seed, device=device,
                              batch_size=args.batch_size)

@@ -58,7 +58,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from src.augment import diff_augment, parse_policy
-from src.data import DEFAULT_DIR, DeviceSampler, Snapshot, SnapshotError, load_snapshot, write_json_atomic
+from src.data import (
+    DEFAULT_DIR,
+    DeviceSampler,
+    Snapshot,
+    SnapshotError,
+    load_snapshot,
+    save_torch_atomic,
+    write_json_atomic,
+)
+from src.device import DeviceError, resolve_device
 from src.errors import UserError, run_cli
 from src.models import Generator, build_models, model_kwargs
 from src.params import IMAGE_SHAPE, Params, effective, flatten, load_params
@@ -79,10 +88,6 @@ NON_TRAINING_KEYS = ("device", "iterations", "time_budget_s", "log_every", "imag
                      "fid_every", "fid_samples")
 
 
-class DeviceError(UserError):
-    pass
-
-
 class NonFiniteLossError(UserError):
     pass
 
@@ -95,28 +100,6 @@ class TrainingInterrupted(UserError):
 
 # --------------------------------------------------------------------------------------------
 # Device and precision
-
-
-def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
-    """`train.device` -> a torch.device; under torchrun a CUDA run uses cuda:LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise DeviceError(
-                f"train.device = {name!r} but CUDA is not available here (torch {torch.__version__}); "
-                "set train.device: auto or cpu in params.yaml"
-            )
-        if local_rank is not None:
-            return torch.device("cuda", local_rank)
-        device = torch.device(name)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceError(
-                f"train.device = {name!r} but only {torch.cuda.device_count()} CUDA device(s) exist; "
-                "use cuda:0..cuda:N-1, cuda or auto"
-            )
-        return device
-    return torch.device("cpu")
 
 
 def cpu_has_bf16() -> bool:
@@ -458,22 +441,6 @@ def training_fingerprint(params: Params, snapshot_sha256: str, device: torch.dev
         "world_size": world_size,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def save_torch_atomic(path: Path, payload: Any) -> None:
-    """torch.save to a temporary sibling, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_checkpoint(checkpoint_dir: Path | None, fingerprint: str) -> dict[str, Any] | None:

@@ -233,7 +233,7 @@ def tune(params: Params, *, n_trials: int, timeout: float | None, study_name: st
 
     from src import tracking
     from src.data import load_snapshot, write_json_atomic
-    from src.train import resolve_device
+    from src.device import resolve_device
 
     snapshot = load_snapshot()
     device = resolve_device(params.train.device)

@@ -27,16 +27,6 @@ TINY = {"seed": 0, "model": {"latent_dim": 16, "gen_filters": 8, "disc_filters":
         "evaluate": {"num_samples": 10, "batch_size": 16, "kid_subset_size": 1000, "device": "cpu"}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On 2 shared cores a second OpenMP thread spin-waits against other jobs: measured here under
-    # load, Inception ran 4.5 img/s with 1 thread vs 3.0 with 2, and a 2048-d FID took 4 s vs 10-25 s.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def hub_weights_or_fail() -> Path:
     path = fid.hub_weights_path()
     if not path.is_file():
@@ -185,7 +175,7 @@ def test_too_few_samples(workdir):
 def _cli(cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
     env["PYTHONPATH"] = str(REPO_ROOT)
-    env["OMP_NUM_THREADS"] = "1"  # see one_thread()
+    env["OMP_NUM_THREADS"] = "1"  # see one_thread() in conftest.py
     return subprocess.run([sys.executable, "-m", "src.evaluate"], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 

@@ -11,15 +11,6 @@ from src.models import Discriminator, Generator, build_models, model_kwargs
 from src.params import Params, effective, parse_params
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two busy shared cores: one intra-op thread avoids OpenMP spin contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def article_params() -> Params:
     # Deliberately far from the article everywhere: the recipe must override all of it.
     return effective(

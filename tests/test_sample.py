@@ -11,7 +11,8 @@ from src.errors import UserError
 from src.models import Generator
 from src.params import parse_params
 from src.sample import GeneratorFileError, default_model_path, generate_images, load_generator, main
-from src.train import _cpu_state, generator_payload, save_torch_atomic
+from src.data import save_torch_atomic
+from src.train import _cpu_state, generator_payload
 
 PARAMS = parse_params({"model": {"latent_dim": 16, "gen_filters": 8, "disc_filters": 8}, "train": {"init": "dcgan"}})
 

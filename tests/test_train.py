@@ -40,15 +40,6 @@ TINY_TRAIN = {"batch_size": 8, "iterations": 20, "log_every": 5, "checkpoint_eve
               "ema_warmup": 5, "image_every": 1000}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two busy shared cores: one intra-op thread avoids OpenMP spin contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(**train_overrides):
     return parse_params({"model": TINY_MODEL, "train": {**TINY_TRAIN, **train_overrides}})
 
@@ -262,7 +253,7 @@ def test_compile_option_trains():
 
 def test_cuda_requested_but_absent_is_a_clear_error(monkeypatch, snapshot):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(DeviceError, match="train.device = 'cuda'.*set train.device: auto or cpu"):
+    with pytest.raises(DeviceError, match="train.device = 'cuda'.*set train.device to auto or cpu"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
     with pytest.raises(DeviceError):

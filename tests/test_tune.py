@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
-import torch
 import yaml
 
 import src.fid as fid
@@ -30,14 +29,6 @@ TINY = {
     "evaluate": {"batch_size": 16, "device": "cpu"},
     "tune": {"n_trials": 3, "iterations": 6, "report_every": 3, "fid_samples": 8, "pruner": "median"},
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture
