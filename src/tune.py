@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -195,7 +196,9 @@ def log_plots(study) -> None:
         plots["param_importances"] = ovm.plot_param_importances
     for name, plot in plots.items():
         try:
-            ax = plot(study)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                ax = plot(study)
         except Exception as exc:  # a plot that cannot be drawn for this study is skipped, not fatal
             print(f"skipped plot {name}: {exc}")
             continue
