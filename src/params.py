@@ -117,7 +117,7 @@ class TrainParams(_Section):
     log_every: int = Field(50, gt=0)
     image_every: int = Field(1_000, gt=0)
     checkpoint_every: int = Field(500, gt=0)
-    fid_every: int = Field(0, ge=0, description="0 = no FID during training")
+    fid_every: int = Field(2_000, ge=0, description="0 = no FID during training")
     fid_samples: int = Field(500, ge=2)
 
     @field_validator("augment")
