@@ -37,7 +37,7 @@ from src.train import (
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"latent_dim": 16, "gen_filters": 8, "disc_filters": 8}
 TINY_TRAIN = {"batch_size": 8, "iterations": 20, "log_every": 5, "checkpoint_every": 10, "precision": "fp32",
-              "ema_warmup": 5, "image_every": 1000}
+              "ema_warmup": 5, "image_every": 1000, "fid_every": 0}
 
 
 def tiny(**train_overrides):
@@ -560,3 +560,50 @@ def test_main_tracks_the_run_in_mlflow(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "metrics" / "train.json").read_text())["iterations"] == 6
     lines = (tmp_path / "plots" / "train" / "losses.csv").read_text().splitlines()
     assert lines[0] == "step,loss_g,loss_d,d_real,d_fake" and len(lines) == 5
+
+    check_through_mlflow_ui(tmp_path, run.info.run_id)
+
+
+def check_through_mlflow_ui(workdir, run_id: str) -> None:
+    """What a user sees: `mlflow ui` started in the folder, queried over its REST API."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def get(path: str, body: dict | None = None) -> dict:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(base + "/health", timeout=5).read()
+                break
+            except OSError:
+                assert server.poll() is None, "mlflow ui exited"
+                assert time.time() < deadline, "mlflow ui did not answer within 120 s"
+                time.sleep(1)
+        experiment = get("/api/2.0/mlflow/experiments/get-by-name?experiment_name=atari-gan")["experiment"]
+        runs = get("/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+        run = next(r for r in runs if r["info"]["run_id"] == run_id)
+        params = {p["key"]: p["value"] for p in run["data"]["params"]}
+        assert params["train.lr_g"] == "0.0002" and params["train.recipe"] == "custom"
+        assert {"loss_g", "loss_d", "d_real", "d_fake", "images_per_s"} <= {m["key"] for m in run["data"]["metrics"]}
+        history = get(f"/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key=loss_g")["metrics"]
+        assert [m["step"] for m in history] == [2, 3, 4, 6]
+        images = get(f"/api/2.0/mlflow/artifacts/list?run_id={run_id}&path=images")["files"]
+        assert any(f["path"].startswith("images/fake+step+6+") for f in images)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
