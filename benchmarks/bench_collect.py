@@ -2,7 +2,10 @@
 
 (a) The article's loop: one process, Breakout/AirRaid/Pong-v4 behind its `InputWrapper` (resize to
 64x64, HWC->CHW, float32), `random.choice(envs)` each step, the `np.mean(obs) > 0.01` filter,
-reset on done. Timed over the loop only (env creation excluded, which favours the article).
+reset on done. Timed over the loop only (env creation excluded, which favours the article), and
+without the step that turns each batch of 16 into a normalised float tensor: the reference row.
+(a') The same loop as published, with that step (`torch.tensor(batch * 2 / 255 - 1)`): what the
+article's loop yields. Reported for scale; "vs article" stays relative to (a).
 (b) `src.collect.collect_frames` with the params.yaml settings at the same frame count but
 `dedup: false`, on every core: the same work as the article (it keeps duplicates too, and plays
 exactly as many env steps). Timed end to end: its own worker start-up, a reseed (ROM load) per
@@ -10,7 +13,7 @@ shard, and the final shuffled uint8 arrays (the snapshot write is not timed; the
 nothing either). This row is the one the speed floor is about.
 (c) The same with `dedup: true`: it plays more env steps, to replace the duplicates it drops.
 
-Runs alternate (a), (b), (c), (a), ... so all see the same machine load. Wall-clock frames/s is
+Runs alternate (a), (a'), (b), (c), (a), ... so all see the same machine load. Wall-clock frames/s is
 what counts, but other jobs on the machine slow a two-process loop more than a one-process one,
 so CPU time per frame is printed too. Also prints the machine, and what the dark-frame filter
 and dedup dropped per game in the last (c) run.
@@ -82,8 +85,13 @@ def _cpu_now() -> float:
     return total
 
 
-def article_loop(frames: int, seed: int, batch_size: int = 16) -> Timing:
-    """The article's `iterate_batches` loop until it has yielded `frames` frames (in batches)."""
+def article_loop(frames: int, seed: int, batch_size: int = 16, to_tensor: bool = False) -> Timing:
+    """The article's `iterate_batches` loop until it has yielded `frames` frames (in batches).
+
+    `to_tensor`: also build each batch's tensor, as the published loop does before yielding it.
+    """
+    if to_tensor:
+        import torch  # here: workers import this module as their main module
     gym.register_envs(ale_py)
     ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)
     random.seed(seed)
@@ -101,7 +109,10 @@ def article_loop(frames: int, seed: int, batch_size: int = 16) -> Timing:
             batch.append(obs)
             produced += 1
             if len(batch) == batch_size:
-                batch.clear()  # the article turns the batch into a tensor here; not timed
+                if to_tensor:
+                    batch_np = np.array(batch, dtype=np.float32)
+                    torch.tensor(batch_np * 2.0 / 255.0 - 1.0)
+                batch.clear()
         if is_done or is_trunc:
             e.reset()
     timing = Timing(time.perf_counter() - started, _cpu_now() - cpu)
@@ -169,12 +180,14 @@ def main() -> None:
     }
     print(f"# {args.frames} frames, {args.repeats} repeats; ours: shard_frames={cfg.shard_frames}, "
           f"interpolation={cfg.interpolation}, workers={args.workers or 'one per core'}")
-    runs: dict[str, list[Timing]] = {"article": [], **{name: [] for name in variants}}
+    published = "article as published, with its batch -> tensor step"
+    runs: dict[str, list[Timing]] = {"article": [], published: [], **{name: [] for name in variants}}
     manifests: dict[str, dict] = {}
     loads = [os.getloadavg()[0]]
     for r in range(args.repeats):
         # Interleaved, so that every loop sees the same machine load.
         runs["article"].append(article_loop(args.frames, seed=r))
+        runs[published].append(article_loop(args.frames, seed=r, to_tensor=True))
         for name, collect in variants.items():
             timing, manifests[name] = ours(bench_params(args.frames, r, **collect), args.workers)
             runs[name].append(timing)
@@ -196,7 +209,7 @@ def main() -> None:
         cpu = statistics.median(t.cpu_s for t in timings)
         steps = manifests[name]["env_steps"] if name in manifests else args.frames
         label = "article: random env each step, float32 wrapper, np.mean filter" if name == "article" else name
-        print(f"| {label} | {1 if name == 'article' else workers} | {args.frames} | {steps} | {wall:.2f} | "
+        print(f"| {label} | {workers if name in manifests else 1} | {args.frames} | {steps} | {wall:.2f} | "
               f"{args.frames / wall:,.0f} | {args.frames / wall / article_fps:.2f}x | {1000 * cpu / args.frames * 1000:,.0f} |")
 
     dedup_run = list(variants)[1]

@@ -8,22 +8,24 @@ A worker process keeps one env per (split, game) and reseeds it for each shard: 
 reloads the ROM and reseeds the emulator, so a reused env plays exactly what a fresh one would.
 
 Each frame is resized to 64x64 in the worker, passed through the article's dark-frame test (on
-the small frame) and hashed. The frames of a run live in one shared scratch file: a shard's task
-names the rows its frames would take if none were dropped, and the worker writes them there, so no
-frame is sent between processes. The parent then merges shards in shard order, keeps the first
-occurrence of each exact frame per (split, game) (moving later frames up over the dropped ones),
-and tops a stream up with further shards until its share is reached. So the arrays are
-bit-identical whatever the number of workers.
+the small frame) and, with dedup, hashed. A run's frames live in one shared temporary file: a
+shard's task names the rows its frames take if none is dropped, and the worker writes them there,
+so no frame is sent between processes. The parent merges shards in shard order, keeps the first
+occurrence of each exact frame per (split, game) (moving later frames up over dropped ones), and
+tops a stream up with further shards until its share is reached. So the arrays are bit-identical
+whatever the number of workers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import mmap
 import multiprocessing
 import os
 import platform
 import tempfile
+import threading
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -107,10 +109,8 @@ def game_shares(total: int, n_games: int) -> list[int]:
     return [base + (i < extra) for i in range(n_games)]
 
 
-# Per-process state, kept across shards: envs (a new one costs a second ROM load), the frame
-# buffer (fresh memory is slow to touch on a VM) and the mapped sink.
+# Per-process state, kept across shards: envs (a new one costs a second ROM load) and the mapped sink.
 _envs: dict[tuple[str, str], gym.Env] = {}
-_buffers: dict[str, np.ndarray] = {}
 _sinks: dict[str, np.ndarray] = {}
 
 
@@ -125,19 +125,11 @@ def worker_env(split: str, game: str) -> gym.Env:
 
 
 def release_worker_state() -> None:
-    """Close this process's envs and drop its buffers and sink mapping."""
+    """Close this process's envs and drop its sink mapping."""
     for env in _envs.values():
         env.close()
     _envs.clear()
-    _buffers.clear()
     _sinks.clear()
-
-
-def _buffer(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    buffer = _buffers.get(name)
-    if buffer is None or len(buffer) < shape[0]:
-        buffer = _buffers[name] = np.empty(shape, np.uint8)
-    return buffer[: shape[0]]
 
 
 def _sink(path: str) -> np.ndarray:
@@ -155,7 +147,11 @@ def run_shard(task: ShardTask) -> ShardResult:
     """
     interpolation = INTERPOLATIONS[task.interpolation]
     threshold = task.min_mean * 3  # cv2.mean gives one mean per channel: compare their sum
-    hwc = _buffer("hwc", (task.steps, SIZE, SIZE, 3))
+    rows = task.slots.tolist()
+    sink = _sink(task.sink) if rows else None
+    frame = np.empty((SIZE, SIZE, 3), np.uint8)
+    extra: list[np.ndarray] = []  # kept frames with no row planned for them
+    hashes: list[bytes] = []
     kept = 0
     env = worker_env(task.split, task.game)
     # Both seeds are needed for a reproducible rollout (DESIGN.md).
@@ -163,20 +159,23 @@ def run_shard(task: ShardTask) -> ShardResult:
     env.action_space.seed(task.seed)
     for _ in range(task.steps):
         obs, _, terminated, truncated, _ = env.step(env.action_space.sample())
-        small = cv2.resize(obs, (SIZE, SIZE), dst=hwc[kept], interpolation=interpolation)
+        cv2.resize(obs, (SIZE, SIZE), dst=frame, interpolation=interpolation)
         # The article's np.mean(obs) > 0.01, taken on the 64x64 frame: cv2.mean there costs
         # ~1 us where np.mean on the raw frame costs ~40 us.
-        m = cv2.mean(small)
+        m = cv2.mean(frame)
         if m[0] + m[1] + m[2] > threshold:
+            if task.hash_frames:
+                hashes.append(hashlib.sha256(frame).digest())
+            chw = frame.transpose(2, 0, 1)  # HWC -> CHW here, in parallel, as the frame is copied out
+            if kept < len(rows):
+                sink[rows[kept]] = chw
+            else:
+                extra.append(chw.copy())
             kept += 1
         if terminated or truncated:
             env.reset()
-    hashes = [hashlib.sha256(frame).digest() for frame in hwc[:kept]] if task.hash_frames else []
-    chw = hwc[:kept].transpose(0, 3, 1, 2)  # HWC -> CHW here, in parallel, as the frames are copied out
-    placed = min(kept, len(task.slots))
-    if placed:
-        _sink(task.sink)[task.slots[:placed]] = chw[:placed]
-    return ShardResult(task=task, kept=kept, frames=np.ascontiguousarray(chw[placed:]), hashes=hashes, dark=task.steps - kept)
+    frames = np.stack(extra) if extra else np.empty((0, *FRAME_SHAPE), np.uint8)
+    return ShardResult(task=task, kept=kept, frames=frames, hashes=hashes, dark=task.steps - kept)
 
 
 @dataclass
@@ -301,9 +300,17 @@ def _pool(workers: int) -> ProcessPoolExecutor:
         # What this module imports, not the module itself: `python -m src.collect` runs it again
         # in each worker as the main module, and runpy warns when it is already imported.
         context.set_forkserver_preload(["numpy", "cv2", "gymnasium", "ale_py"])
+        # Start the server now, not at the first submit: it imports those while the caller works.
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
     else:
         context = multiprocessing.get_context("spawn")
     return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init)
+
+
+def _touch_pages(array: np.ndarray) -> None:
+    int(array.reshape(-1)[:: mmap.PAGESIZE].max())  # numpy lets go of the GIL while it reads
 
 
 def _alive(pid: int) -> bool:
@@ -358,8 +365,14 @@ def play(
     if len(games) > 256:
         raise CollectError(f"collect.games lists {len(games)} games; labels are uint8, so at most 256 are allowed")
     workers = _resolve_workers(workers, params)
-    sink, images = _frame_file(cfg.train_frames + cfg.holdout_frames, scratch)
-    executor = None
+    # First, so that the pool's server process starts (~0.3 s) while this one prepares the run.
+    executor = _pool(workers) if workers > 1 else None  # workers=1 runs here, with no start-up
+    sink, images = _frame_file(cfg.train_frames + cfg.holdout_frames, scratch)  # (no worker runs yet)
+    # Bring the file's pages into memory from a thread, in order, while the pool starts: frames
+    # written to shuffled rows would fault in their pages one by one, at ~4x the cost. The thread
+    # only reads, so it never races with a worker's writes.
+    toucher = threading.Thread(target=_touch_pages, args=(images,), daemon=True)
+    toucher.start()
     try:
         arrays: dict[str, np.ndarray] = {}
         streams: list[_Stream] = []
@@ -393,10 +406,8 @@ def play(
         # Longest shards first, so the last ones to finish are short; among equal ones, one shard of
         # each stream in turn, so a worker often gets a stream it already has the env of.
         queue = deque(sorted((t for s in streams for t in next_round(s)), key=lambda t: (-t.steps, t.index)))
-        workers = min(workers, len(queue))
         from tqdm import tqdm
 
-        executor = _pool(workers) if workers > 1 else None  # workers=1 runs here, with no start-up
         running: set = set()
         with tqdm(total=sum(t.steps for t in queue), unit="frame", unit_scale=True, desc="collect",
                   disable=not progress, smoothing=0.1) as bar:
@@ -406,6 +417,7 @@ def play(
                 else:
                     # Hand out work lazily (one spare task beyond the busy workers), so that a top-up
                     # put at the front of the queue runs next, not after everything already queued.
+                    # (The pool starts a process per task while it has fewer than `workers`.)
                     while queue and len(running) <= workers:
                         running.add(executor.submit(run_shard, queue.popleft()))
                     done, running = wait(running, return_when=FIRST_COMPLETED)
@@ -425,6 +437,7 @@ def play(
     finally:
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
+        toucher.join()
         release_worker_state()  # shards that ran in this process (workers=1) leave their state here
         os.unlink(sink)  # the mapping in `images` outlives the name
     return arrays, streams
