@@ -336,8 +336,11 @@ def real_features(extractor: InceptionFeatures, snapshot: Snapshot, split: str, 
 
 def make_fid_fn(snapshot: Snapshot, params: Params, device: str | torch.device,
                 cache_dir: Path | None = None) -> Callable[[int, nn.Module], float]:
-    """FID of `train.fid_samples` generated images against the cached holdout statistics.
+    """FID of `train.fid_samples` generated images against cached statistics of training frames.
 
+    The reference is a fixed subset of `evaluate.num_samples` training frames (the subset the
+    evaluate stage's floor uses, so the features are shared): choosing the best checkpoint by
+    its FID against the holdout would make the final holdout FID optimistic.
     The returned `fid_fn(step, generator)` draws the same latents every call (seed `seed`), so
     values at different steps differ by the generator only; it restores the generator's mode.
     """
@@ -346,7 +349,8 @@ def make_fid_fn(snapshot: Snapshot, params: Params, device: str | torch.device,
     params = effective(params)
     weights = resolve_inception_weights(params.evaluate.inception_weights)
     extractor = InceptionFeatures(weights, device=device, batch_size=params.evaluate.batch_size)
-    mu_real, sigma_real = feature_stats(real_features(extractor, snapshot, "holdout", cache_dir=cache_dir), device)
+    reference = real_features(extractor, snapshot, "train", count=params.evaluate.num_samples, cache_dir=cache_dir)
+    mu_real, sigma_real = feature_stats(reference, device)
     sqrt_sigma_real = psd_sqrt(sigma_real)
     count = params.train.fid_samples
 

@@ -26,6 +26,7 @@ from src.params import IMAGE_SHAPE, Params
 
 ACTIVATIONS = ("relu", "leaky_relu")
 INITS = ("default", "dcgan")
+UPSAMPLE_KINDS = ("transposed", "nearest")
 LEAKY_SLOPE = 0.2
 
 
@@ -55,34 +56,42 @@ def _check_init(init: str) -> None:
 
 
 class Generator(nn.Module):
-    """(B, latent_dim, 1, 1) noise -> (B, 3, 64, 64) images in [-1, 1]."""
+    """(B, latent_dim, 1, 1) noise -> (B, 3, 64, 64) images in [-1, 1].
 
-    def __init__(self, latent_dim: int = 100, filters: int = 64, channels: int = IMAGE_SHAPE[0], init: str = "default"):
+    `upsample="transposed"` is the article's stack of stride-2 transposed convolutions;
+    `"nearest"` doubles the size by nearest-neighbour resizing and a 3x3 convolution instead, which
+    cannot make the checkerboard pattern of overlapping transposed-conv kernels (Odena et al., 2016).
+    """
+
+    def __init__(self, latent_dim: int = 100, filters: int = 64, channels: int = IMAGE_SHAPE[0], init: str = "default",
+                 upsample: str = "transposed"):
         super().__init__()
         _check_init(init)
+        if upsample not in UPSAMPLE_KINDS:
+            raise ValueError(f"upsample={upsample!r}; allowed: {', '.join(UPSAMPLE_KINDS)}")
         self.latent_dim = latent_dim
         f = filters
-        self.pipe = nn.Sequential(
+        layers: list[nn.Module] = [
             nn.ConvTranspose2d(latent_dim, f * 8, kernel_size=4, stride=1, padding=0),
             nn.BatchNorm2d(f * 8),
             nn.ReLU(),
-            nn.ConvTranspose2d(f * 8, f * 4, kernel_size=4, stride=2, padding=1),
-            nn.BatchNorm2d(f * 4),
-            nn.ReLU(),
-            nn.ConvTranspose2d(f * 4, f * 2, kernel_size=4, stride=2, padding=1),
-            nn.BatchNorm2d(f * 2),
-            nn.ReLU(),
-            nn.ConvTranspose2d(f * 2, f, kernel_size=4, stride=2, padding=1),
-            nn.BatchNorm2d(f),
-            nn.ReLU(),
-            nn.ConvTranspose2d(f, channels, kernel_size=4, stride=2, padding=1),
-            nn.Tanh(),
-        )
+        ]
+        for c_in, c_out in ((f * 8, f * 4), (f * 4, f * 2), (f * 2, f)):
+            layers += [_up(c_in, c_out, upsample), nn.BatchNorm2d(c_out), nn.ReLU()]
+        layers += [_up(f, channels, upsample), nn.Tanh()]
+        self.pipe = nn.Sequential(*layers)
         if init == "dcgan":
             dcgan_init_(self)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.pipe(z)
+
+
+def _up(c_in: int, c_out: int, kind: str) -> nn.Module:
+    """Twice the spatial size, `c_in` -> `c_out` channels."""
+    if kind == "transposed":
+        return nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1)
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, kernel_size=3, padding=1))
 
 
 class Discriminator(nn.Module):
@@ -126,7 +135,7 @@ def model_kwargs(params: Params) -> dict[str, dict]:
     """Constructor arguments of both networks from EFFECTIVE params (stored beside saved weights)."""
     m, t = params.model, params.train
     return {
-        "generator": {"latent_dim": m.latent_dim, "filters": m.gen_filters, "init": t.init},
+        "generator": {"latent_dim": m.latent_dim, "filters": m.gen_filters, "init": t.init, "upsample": m.upsample},
         "discriminator": {
             "filters": m.disc_filters,
             "activation": t.d_activation,

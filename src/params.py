@@ -89,6 +89,9 @@ class ModelParams(_Section):
     latent_dim: int = Field(100, gt=0)
     gen_filters: int = Field(64, gt=0)
     disc_filters: int = Field(64, gt=0)
+    upsample: Literal["transposed", "nearest"] = Field(
+        "transposed", description="generator upsampling: transposed convs (the article's) | nearest resize + 3x3 conv"
+    )
 
 
 class TrainParams(_Section):
@@ -197,7 +200,7 @@ class Params(_Section):
 
 
 # The article's recipe, applied whole by `train.recipe: article` whatever else params.yaml says.
-ARTICLE_MODEL = {"latent_dim": 100, "gen_filters": 64, "disc_filters": 64}
+ARTICLE_MODEL = {"latent_dim": 100, "gen_filters": 64, "disc_filters": 64, "upsample": "transposed"}
 ARTICLE_TRAIN = {
     "batch_size": 16,
     "lr_g": 1e-4,

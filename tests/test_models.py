@@ -16,7 +16,7 @@ def article_params() -> Params:
     return effective(
         parse_params(
             {
-                "model": {"latent_dim": 7, "gen_filters": 5, "disc_filters": 3},
+                "model": {"latent_dim": 7, "gen_filters": 5, "disc_filters": 3, "upsample": "nearest"},
                 "train": {"recipe": "article", "batch_size": 99, "lr_g": 0.5, "lr_d": 0.5, "beta1": 0.1,
                           "loss": "hinge", "d_activation": "leaky_relu", "init": "dcgan", "spectral_norm": True,
                           "ema_decay": 0.9, "augment": "color"},
@@ -87,7 +87,8 @@ def layer_list(module: nn.Module) -> list[str]:
 
 def test_article_recipe_overrides_everything():
     p = article_params()
-    assert (p.model.latent_dim, p.model.gen_filters, p.model.disc_filters) == (100, 64, 64)
+    assert (p.model.latent_dim, p.model.gen_filters, p.model.disc_filters, p.model.upsample) == (
+        100, 64, 64, "transposed")
     t = p.train
     assert (t.batch_size, t.lr_g, t.lr_d, t.beta1, t.beta2) == (16, 1e-4, 1e-4, 0.5, 0.999)
     assert (t.loss, t.d_activation, t.init, t.spectral_norm, t.ema_decay, t.augment, t.d_steps) == (
@@ -181,7 +182,18 @@ def test_wgan_gp_critic_has_no_batch_norm_and_options_reach_the_models():
     gen, disc = build_models(params)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in disc.modules())
     assert any(isinstance(m, nn.LeakyReLU) for m in disc.modules())
-    assert kwargs["generator"] == {"latent_dim": 100, "filters": 64, "init": "dcgan"}
+    assert kwargs["generator"] == {"latent_dim": 100, "filters": 64, "init": "dcgan", "upsample": "transposed"}
+
+
+def test_nearest_upsampling_generator_has_no_transposed_convs_after_the_first_layer():
+    gen, _ = build_models(parse_params({"model": {"latent_dim": 8, "gen_filters": 4, "upsample": "nearest"}}))
+    kinds = [type(m).__name__ for m in gen.modules()]
+    assert kinds.count("ConvTranspose2d") == 1  # the 1x1 -> 4x4 projection only
+    assert kinds.count("Upsample") == 4 and kinds.count("Conv2d") == 4
+    out = gen(torch.randn(3, 8, 1, 1))
+    assert out.shape == (3, 3, 64, 64) and out.abs().max() <= 1
+    with pytest.raises(ValueError, match="upsample='bilinear'; allowed: transposed, nearest"):
+        Generator(upsample="bilinear")
 
 
 # DiffAugment --------------------------------------------------------------------------------

@@ -100,6 +100,11 @@ def test_good_device(device):
     assert parse_params({"train": {"device": device}}).train.device == device
 
 
+def test_bad_upsample_lists_choices():
+    message = error_of({"model": {"upsample": "bilinear"}})
+    assert "model.upsample = 'bilinear'" in message and "'transposed'" in message and "'nearest'" in message
+
+
 def test_bad_interpolation_lists_choices():
     message = error_of({"collect": {"interpolation": "bilinear"}})
     assert "collect.interpolation = 'bilinear'" in message

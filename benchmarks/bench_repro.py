@@ -1,0 +1,141 @@
+"""Benchmark: wall-clock time of a whole `dvc repro` on the README's small CPU preset.
+
+Copies the repository's tracked files (the working tree's versions) into a fresh directory, makes
+it a git + DVC repo with its own empty FID cache, MLflow database and DVC cache, writes the preset
+into its params.yaml, and times, as a user meets them:
+(a) `dvc repro` from nothing: collect -> train -> evaluate, Inception features of the real frames
+    computed for the first time;
+(b) `dvc repro` again with nothing changed (DVC only checks hashes);
+(c) `dvc repro` after raising `train.iterations`: collect is skipped, training continues from its
+    checkpoint, evaluate reuses the cached real features.
+Each stage's own time comes from the outputs it writes. The Inception weights must already be in
+the torch hub cache (`python -m src.inception_weights`); nothing is downloaded.
+
+    python benchmarks/bench_repro.py [--keep DIR] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+
+# The README's "quick preset for a CPU".
+PRESET = {
+    "collect.train_frames": 3000,
+    "collect.holdout_frames": 500,
+    "model.gen_filters": 32,
+    "model.disc_filters": 32,
+    "train.iterations": 300,
+    "train.batch_size": 32,
+    "evaluate.num_samples": 500,
+}
+MORE_ITERATIONS = 600
+
+
+def set_params(params_file: Path, values: dict[str, object]) -> None:
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    data = yaml.load(params_file.read_text())
+    for key, value in values.items():
+        section, name = key.split(".")
+        data[section][name] = value
+    with params_file.open("w") as f:
+        yaml.dump(data, f)
+
+
+def copy_tracked(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True).stdout
+    for rel in filter(None, files.decode().split("\0")):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run(["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"],
+                   cwd=dest, check=True)
+
+
+def repro(work: Path, label: str) -> dict[str, object]:
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if out.returncode != 0:
+        sys.exit(f"`dvc repro` ({label}) failed with exit status {out.returncode}:\n{out.stdout}\n{out.stderr}")
+    ran = re.findall(r"Running stage '([^']+)'", out.stdout)
+    return {"label": label, "seconds": seconds, "ran": ran}
+
+
+def stage_seconds(work: Path) -> dict[str, float]:
+    manifest = json.loads((work / "data" / "snapshot" / "manifest.json").read_text())
+    train = json.loads((work / "metrics" / "train.json").read_text())
+    return {"collect (frames)": manifest["collect_seconds"], "train (training loop)": train["elapsed_s"]}
+
+
+def table(runs: list[dict[str, object]]) -> str:
+    rows = ["| run | stages run | wall time |", "|---|---|---:|"]
+    for r in runs:
+        stages = ", ".join(r["ran"]) or "none (up to date)"
+        rows.append(f"| {r['label']} | {stages} | {r['seconds']:.1f} s |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keep", type=Path, default=None, help="run in this (new) directory and keep it")
+    parser.add_argument("--write", action="store_true", help=f"update the section in {RESULTS.relative_to(REPO)}")
+    args = parser.parse_args(argv)
+
+    work = args.keep or Path(tempfile.mkdtemp(prefix="atari-gan-repro-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if any(work.iterdir()):
+        sys.exit(f"--keep {work}: the directory must be new or empty")
+    load_before = os.getloadavg()
+    try:
+        copy_tracked(work)
+        set_params(work / "params.yaml", PRESET)
+        runs = [repro(work, "(a) from nothing: collect, train, evaluate, empty FID cache")]
+        inner = stage_seconds(work)
+        runs.append(repro(work, "(b) again, nothing changed"))
+        set_params(work / "params.yaml", {"train.iterations": MORE_ITERATIONS})
+        runs.append(repro(work, f"(c) train.iterations {PRESET['train.iterations']} -> {MORE_ITERATIONS}"))
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    preset = " ".join(f"-S {k}={v}" for k, v in PRESET.items())
+    text = "\n".join([
+        f"{dt.date.today().isoformat()} · {os.cpu_count()} logical cores · load average (1/5 min) "
+        f"{load_before[0]:.2f}/{load_before[1]:.2f} before, {os.getloadavg()[0]:.2f}/{os.getloadavg()[1]:.2f} after "
+        f"· preset: `{preset}`",
+        "",
+        table(runs),
+        "",
+        "Inside (a): " + ", ".join(f"{k} {v:.1f} s" for k, v in inner.items()) + ".",
+    ])
+    print(text)
+    if args.write:
+        begin, end = "<!-- bench-repro:begin -->", "<!-- bench-repro:end -->"
+        md = RESULTS.read_text()
+        block = f"{begin}\n{text}\n{end}"
+        md = (re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, md, flags=re.S)
+              if begin in md else md.rstrip() + "\n\n## Whole pipeline: `dvc repro` on the small CPU preset\n\n"
+              "Written by `benchmarks/bench_repro.py --write`.\n\n" + block + "\n")
+        RESULTS.write_text(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""Quality at equal budget: GAN recipes trained for the same wall-clock time, scored by standard FID.
+
+Every run trains one recipe with `src.train.train_gan` for `--budget-s` seconds of training on
+the study snapshot (params.yaml's `collect` settings with a 2,100-frame holdout), measuring FID
+on `train.fid_samples` images every `--fid-every` steps against training frames and keeping the
+best generator exactly as `dvc repro` does (the FID clock is paused, so it is not part of the
+budget). The kept generator is then scored like the evaluate stage: FID and KID of `--samples`
+generated screens against the whole holdout. A run writes `benchmarks/quality/<recipe>-seed<N>.json`
+and a sample grid beside it; `report` turns those files into the table of benchmarks/RESULTS.md.
+
+    python benchmarks/quality_study.py snapshot                   # once: data/study/snapshot
+    python benchmarks/quality_study.py run article --seed 0       # one recipe, one seed
+    python benchmarks/quality_study.py run article custom --seed 0 --seed 1 --threads 1
+    python benchmarks/quality_study.py report [--write]
+
+Runs of one comparison should share the machine the same way: the study ran them in pairs, each
+process on one torch thread, so both see the same load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from src.params import Params, effective, load_params  # noqa: E402
+
+STUDY_SNAPSHOT = REPO / "data" / "study" / "snapshot"
+RESULTS_DIR = REPO / "benchmarks" / "quality"
+RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
+HOLDOUT_FRAMES = 2100
+
+# Candidates, as overrides of params.yaml. `article` is the article's recipe (params.effective);
+# the others change model width, batch size, learning rates (the tuner's best), EMA, loss,
+# spectral norm and augmentation one group at a time.
+TUNED_LR = {"train.lr_g": 2.74e-4, "train.lr_d": 1.42e-3, "train.beta1": 0.064, "train.beta2": 0.909}
+TEXTBOOK = {"train.recipe": "custom", "model.gen_filters": 64, "model.disc_filters": 64, "train.batch_size": 64,
+            "train.lr_g": 2e-4, "train.lr_d": 2e-4, "train.beta1": 0.5, "train.beta2": 0.999, "train.loss": "bce",
+            "train.d_activation": "leaky_relu", "train.init": "dcgan", "train.spectral_norm": False,
+            "train.ema_decay": 0.999, "train.ema_warmup": 1000, "train.augment": ""}
+SMALL = {**TEXTBOOK, "model.gen_filters": 32, "model.disc_filters": 32, "train.batch_size": 32}
+RECIPES: dict[str, dict[str, Any]] = {
+    "article": {"train.recipe": "article"},
+    "textbook": TEXTBOOK,  # DCGAN paper settings + EMA, width 64, batch 64
+    "small": SMALL,  # width 32, batch 32
+    "small-tuned": {**SMALL, **TUNED_LR},
+    "small-tuned-noema": {**SMALL, **TUNED_LR, "train.ema_decay": 0.0},
+    "small-tuned-b16": {**SMALL, **TUNED_LR, "train.batch_size": 16},
+    "small-tuned-aug": {**SMALL, **TUNED_LR, "train.augment": "translation,color"},
+    "small-tuned-nearest": {**SMALL, **TUNED_LR, "model.upsample": "nearest"},
+    "small-nearest": {**SMALL, "model.upsample": "nearest"},
+    "small-hinge-sn-nearest": {**SMALL, "train.loss": "hinge", "train.spectral_norm": True, "train.lr_g": 1e-4,
+                               "train.lr_d": 4e-4, "train.beta1": 0.0, "train.beta2": 0.9, "model.upsample": "nearest"},
+    "small-hinge-sn": {**SMALL, "train.loss": "hinge", "train.spectral_norm": True, "train.lr_g": 1e-4,
+                       "train.lr_d": 4e-4, "train.beta1": 0.0, "train.beta2": 0.9},
+    "tuned-64": {**TEXTBOOK, **TUNED_LR, "train.batch_size": 32},
+}
+
+
+def with_overrides(params: Params, overrides: dict[str, Any]) -> Params:
+    """`params` with dotted-key overrides applied and validated again."""
+    raw = params.model_dump()
+    for key, value in overrides.items():
+        *section, name = key.split(".")
+        (raw[section[0]] if section else raw)[name] = value
+    return Params.model_validate(raw)
+
+
+def study_params(base: Params, recipe: str, seed: int, budget_s: float, fid_every: int, fid_samples: int,
+                 samples: int) -> Params:
+    return with_overrides(base, {
+        **RECIPES[recipe],
+        "seed": seed, "train.device": "cpu", "train.iterations": 10**9, "train.time_budget_s": budget_s,
+        "train.fid_every": fid_every, "train.fid_samples": fid_samples, "train.log_every": 100,
+        "train.image_every": 10**9, "train.checkpoint_every": 10**9, "evaluate.num_samples": samples,
+        "evaluate.device": "cpu",
+    })
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}"
+
+
+def run_one(recipe: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    from src.data import load_snapshot, save_torch_atomic, write_json_atomic
+    from src.evaluate import evaluate_generator, save_grid
+    from src.fid import InceptionFeatures, make_fid_fn, resolve_inception_weights
+    from src.models import build_models
+    from src.train import train_gan
+
+    params = study_params(load_params(), recipe, seed, args.budget_s, args.fid_every, args.fid_samples,
+                          args.samples)
+    snapshot = load_snapshot(STUDY_SNAPSHOT)
+    load_before = os.getloadavg()
+    started = time.time()
+    measure = make_fid_fn(snapshot, params, "cpu")
+
+    def fid_fn(step: int, generator: torch.nn.Module) -> float:
+        fid = measure(step, generator)
+        print(f"{recipe} seed {seed}: step {step}, FID@{args.fid_samples} {fid:.1f}", flush=True)
+        return fid
+
+    result = train_gan(params, snapshot, checkpoint_dir=None, fid_fn=fid_fn, progress=False)
+    generator, _ = build_models(effective(params))
+    generator.load_state_dict(result.best_state)
+    extractor = InceptionFeatures(resolve_inception_weights(None), device="cpu", batch_size=100)
+    metrics, fake = evaluate_generator(generator, snapshot, extractor, latent_dim=params.model.latent_dim,
+                                       num_samples=args.samples, kid_subset_size=params.evaluate.kid_subset_size,
+                                       seed=seed)
+    name = f"{recipe}-seed{seed}"
+    out = Path(args.results_dir)
+    save_grid(fake, snapshot.holdout_images, out / f"{name}.png")
+    record = {
+        "recipe": recipe,
+        "seed": seed,
+        "overrides": RECIPES[recipe],
+        "date": dt.date.today().isoformat(),
+        "machine": machine(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "budget_s": args.budget_s,
+        "train_seconds": round(result.elapsed_s, 1),
+        "wall_seconds": round(time.time() - started, 1),
+        "iterations": result.iterations,
+        "images_per_s": round(result.images_per_s, 1),
+        "fid_every": args.fid_every,
+        "fid_samples": args.fid_samples,
+        "fid_history": result.fid_history,
+        "best_step": result.best_step,
+        "best_train_fid": result.best_fid,
+        "fid": metrics["fid"],
+        "kid_mean": metrics["kid_mean"],
+        "kid_std": metrics["kid_std"],
+        "fid_holdout_vs_train": metrics["fid_holdout_vs_train"],
+        "num_generated": metrics["num_generated"],
+        "num_real": metrics["num_real"],
+        "snapshot_sha256": metrics["snapshot_sha256"],
+    }
+    save_torch_atomic(out / f"{name}.generator.pt", {"state_dict": result.best_state, "params": params.model_dump()})
+    write_json_atomic(out / f"{name}.json", record)
+    print(f"{name}: {result.iterations} iterations in {result.elapsed_s:.0f} s, best step {result.best_step}, "
+          f"FID {metrics['fid']:.1f}, KID {metrics['kid_mean']:.4f}", flush=True)
+    return record
+
+
+def load_records() -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(RESULTS_DIR.glob("*.json"))]
+
+
+def spread(values: list[float], digits: int = 1) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ({min(values):.{digits}f} – {max(values):.{digits}f})"
+
+
+def report(records: list[dict[str, Any]]) -> str:
+    """The markdown table: one row per recipe, means and ranges over seeds, ratio to the article."""
+    by_recipe: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_recipe.setdefault(r["recipe"], []).append(r)
+    article = [r["fid"] for r in by_recipe.get("article", [])]
+    rows = []
+    for recipe, runs in sorted(by_recipe.items(), key=lambda kv: statistics.mean(r["fid"] for r in kv[1])):
+        fids = [r["fid"] for r in runs]
+        ratio = f"{statistics.mean(fids) / statistics.mean(article):.2f}×" if article else "–"
+        rows.append(
+            f"| {recipe} | {', '.join(str(r['seed']) for r in runs)} | "
+            f"{spread([float(r['iterations']) for r in runs], 0)} | "
+            f"{', '.join(str(r['best_step']) for r in runs)} | {spread(fids)} | "
+            f"{spread([r['kid_mean'] for r in runs], 3)} | {ratio} |"
+        )
+    head = ("| recipe | seeds | iterations reached | best step (kept) | FID, mean (range) | KID mean | vs article |\n"
+            "|---|---|---:|---|---:|---:|---:|")
+    return head + "\n" + "\n".join(rows)
+
+
+def fid_curves(records: list[dict[str, Any]], recipe: str) -> str:
+    lines = []
+    for r in records:
+        if r["recipe"] == recipe:
+            points = ", ".join(f"{h['step']}: {h['fid']:.0f}" for h in r["fid_history"])
+            lines.append(f"- seed {r['seed']} (FID on {r['fid_samples']} samples vs training frames) — {points}")
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    begin, end = "<!-- quality-study:begin -->", "<!-- quality-study:end -->"
+    md = RESULTS_MD.read_text()
+    block = f"{begin}\n{text}\n{end}"
+    if begin in md:
+        md = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, md, flags=re.S)
+    else:
+        md = md.rstrip() + "\n\n" + block + "\n"
+    tmp = RESULTS_MD.with_suffix(".md.tmp")
+    tmp.write_text(md)
+    os.replace(tmp, RESULTS_MD)
+
+
+def make_snapshot(holdout: int) -> None:
+    from src.collect import collect_snapshot, summary
+    from src.data import load_snapshot
+
+    base = load_params()
+    params = base.model_copy(update={"collect": base.collect.model_copy(update={"holdout_frames": holdout})})
+    path = collect_snapshot(params, STUDY_SNAPSHOT, progress=False)
+    print(summary(load_snapshot(path, verify=False).manifest, path))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    snap = sub.add_parser("snapshot", help="collect the study snapshot (params.yaml's collect, smaller holdout)")
+    snap.add_argument("--holdout", type=int, default=HOLDOUT_FRAMES)
+    run = sub.add_parser("run", help="train and score recipes")
+    run.add_argument("recipes", nargs="+", choices=sorted(RECIPES))
+    run.add_argument("--seed", type=int, action="append", help="repeatable; default 0")
+    run.add_argument("--budget-s", type=float, default=600.0, help="seconds of training per run")
+    run.add_argument("--fid-every", type=int, default=500)
+    run.add_argument("--fid-samples", type=int, default=250)
+    run.add_argument("--samples", type=int, default=2048, help="generated screens for the final FID/KID")
+    run.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    run.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the run's json and grid go")
+    rep = sub.add_parser("report", help="print the table from benchmarks/quality/*.json")
+    rep.add_argument("--write", action="store_true", help="also write it into benchmarks/RESULTS.md")
+    rep.add_argument("--curves", default=None, help="also list the FID-during-training points of this recipe")
+    args = parser.parse_args(argv)
+
+    if args.command == "snapshot":
+        make_snapshot(args.holdout)
+    elif args.command == "run":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        for seed in args.seed or [0]:
+            for recipe in args.recipes:
+                run_one(recipe, seed, args)
+    else:
+        records = load_records()
+        text = report(records)
+        if args.curves:
+            text += "\n\n" + fid_curves(records, args.curves)
+        print(text)
+        if args.write:
+            write_section(text)
+
+
+if __name__ == "__main__":
+    main()
