@@ -87,8 +87,8 @@ class CollectParams(_Section):
 
 class ModelParams(_Section):
     latent_dim: int = Field(100, gt=0)
-    gen_filters: int = Field(64, gt=0)
-    disc_filters: int = Field(64, gt=0)
+    gen_filters: int = Field(32, gt=0)
+    disc_filters: int = Field(32, gt=0)
     upsample: Literal["transposed", "nearest"] = Field(
         "transposed", description="generator upsampling: transposed convs (the article's) | nearest resize + 3x3 conv"
     )
@@ -99,11 +99,11 @@ class TrainParams(_Section):
     device: DeviceName = "auto"
     iterations: int = Field(20_000, gt=0)
     time_budget_s: float | None = Field(None, gt=0)
-    batch_size: int = Field(64, gt=0)
-    lr_g: float = Field(2e-4, gt=0, lt=1)
-    lr_d: float = Field(2e-4, gt=0, lt=1)
-    beta1: float = Field(0.5, ge=0, lt=1)
-    beta2: float = Field(0.999, ge=0, lt=1)
+    batch_size: int = Field(32, gt=0)
+    lr_g: float = Field(2.74e-4, gt=0, lt=1)
+    lr_d: float = Field(1.42e-3, gt=0, lt=1)
+    beta1: float = Field(0.064, ge=0, lt=1)
+    beta2: float = Field(0.909, ge=0, lt=1)
     loss: Literal["bce", "hinge", "wgan-gp"] = "bce"
     gp_weight: float = Field(10.0, ge=0)
     d_steps: int = Field(1, ge=1, description="discriminator updates per generator update")

@@ -182,7 +182,7 @@ def test_wgan_gp_critic_has_no_batch_norm_and_options_reach_the_models():
     gen, disc = build_models(params)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in disc.modules())
     assert any(isinstance(m, nn.LeakyReLU) for m in disc.modules())
-    assert kwargs["generator"] == {"latent_dim": 100, "filters": 64, "init": "dcgan", "upsample": "transposed"}
+    assert kwargs["generator"] == {"latent_dim": 100, "filters": 32, "init": "dcgan", "upsample": "transposed"}
 
 
 def test_nearest_upsampling_generator_has_no_transposed_convs_after_the_first_layer():

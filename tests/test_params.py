@@ -35,6 +35,11 @@ def test_empty_file_gives_defaults():
     assert parse_params(None) == Params()
 
 
+def test_shipped_params_yaml_holds_the_code_defaults():
+    # One source of truth: a key left out of params.yaml behaves as the shipped file says.
+    assert load_params(REPO_ROOT / "params.yaml") == Params()
+
+
 @pytest.mark.parametrize(
     ("raw", "key"),
     [({"collect": {"train_frame": 5}}, "collect.train_frame"), ({"colect": {}}, "colect")],
