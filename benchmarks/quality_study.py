@@ -63,6 +63,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "small-tuned-nearest": {**SMALL, **TUNED_LR, "model.upsample": "nearest"},
     "small-nearest": {**SMALL, "model.upsample": "nearest"},
     "small-tuned-sn": {**SMALL, **TUNED_LR, "train.spectral_norm": True},
+    "small-tuned-cond": {**SMALL, **TUNED_LR, "model.conditional": True},
     "small-tuned-fp32": {**SMALL, **TUNED_LR, "train.precision": "fp32"},
     "tiny-tuned": {**SMALL, **TUNED_LR, "model.gen_filters": 16, "model.disc_filters": 16},
     "small-hinge-sn-nearest": {**SMALL, "train.loss": "hinge", "train.spectral_norm": True, "train.lr_g": 1e-4,

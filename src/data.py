@@ -215,10 +215,11 @@ class DeviceSampler:
     and normalisation, so no host-to-device copy or sync happens per step.
     """
 
-    def __init__(self, images: np.ndarray, device: torch.device | str, seed: int):
+    def __init__(self, images: np.ndarray, device: torch.device | str, seed: int, labels: np.ndarray | None = None):
         self.device = torch.device(device)
         # A real copy: snapshot arrays are read-only memory maps, which torch cannot wrap safely.
         self.images = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).to(self.device)
+        self.labels = None if labels is None else torch.from_numpy(np.array(labels, dtype=np.int64)).to(self.device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
 
@@ -226,10 +227,14 @@ class DeviceSampler:
         return len(self.images)
 
     def sample(self, batch_size: int) -> torch.Tensor:
+        return self.sample_labelled(batch_size)[0]
+
+    def sample_labelled(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A batch and its game labels (None when the sampler holds no labels); one random draw."""
         index = torch.randint(
             len(self.images), (batch_size,), device=self.device, generator=self.generator
         )
-        return to_unit_range(self.images[index])
+        return to_unit_range(self.images[index]), None if self.labels is None else self.labels[index]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"generator": self.generator.get_state()}

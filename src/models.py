@@ -15,6 +15,8 @@ clamps log() at -100) and, unlike BCELoss, it is allowed under autocast.
 Options: LeakyReLU(0.2) in D, DCGAN init (conv ~ N(0, 0.02), BN weight ~ N(1, 0.02), biases 0),
 spectral norm in D. BatchNorm is dropped from D when spectral norm is on (SN-GAN) and for the
 WGAN-GP loss (the penalty is per sample; Gulrajani et al. 2017 use no BN in the critic).
+Class-conditional on the game (`num_classes` > 0): G takes a one-hot game label beside the noise,
+D adds a projection term (Miyato & Koyama 2018), so the mix of games cannot drift or blend.
 """
 
 from __future__ import annotations
@@ -64,15 +66,19 @@ class Generator(nn.Module):
     """
 
     def __init__(self, latent_dim: int = 100, filters: int = 64, channels: int = IMAGE_SHAPE[0], init: str = "default",
-                 upsample: str = "transposed"):
+                 upsample: str = "transposed", num_classes: int = 0):
         super().__init__()
         _check_init(init)
         if upsample not in UPSAMPLE_KINDS:
             raise ValueError(f"upsample={upsample!r}; allowed: {', '.join(UPSAMPLE_KINDS)}")
         self.latent_dim = latent_dim
+        self.num_classes = num_classes
+        if num_classes:
+            # The training frames' game mix, set by the trainer; labels default to it when not given.
+            self.register_buffer("class_freq", torch.full((num_classes,), 1.0 / num_classes))
         f = filters
         layers: list[nn.Module] = [
-            nn.ConvTranspose2d(latent_dim, f * 8, kernel_size=4, stride=1, padding=0),
+            nn.ConvTranspose2d(latent_dim + num_classes, f * 8, kernel_size=4, stride=1, padding=0),
             nn.BatchNorm2d(f * 8),
             nn.ReLU(),
         ]
@@ -83,8 +89,23 @@ class Generator(nn.Module):
         if init == "dcgan":
             dcgan_init_(self)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.num_classes:
+            if labels is None:
+                labels = mix_labels(len(z), self.class_freq)
+            onehot = nn.functional.one_hot(labels.long(), self.num_classes).to(z.dtype)
+            z = torch.cat([z, onehot.view(len(z), self.num_classes, 1, 1)], dim=1)
         return self.pipe(z)
+
+
+def mix_labels(n: int, freq: torch.Tensor) -> torch.Tensor:
+    """`n` labels in the proportions `freq`, interleaved, the same every call (no random draw).
+
+    A golden-ratio sequence spreads n points evenly over [0, 1): each class gets its share of any
+    prefix, so a sample grid shows every game and a FID sample has the training mix.
+    """
+    points = (torch.arange(n, device=freq.device, dtype=torch.float64) * 0.6180339887498949) % 1.0
+    return torch.searchsorted(torch.cumsum(freq.double(), 0)[:-1].contiguous(), points, right=True)
 
 
 def _up(c_in: int, c_out: int, kind: str) -> nn.Module:
@@ -105,9 +126,11 @@ class Discriminator(nn.Module):
         batch_norm: bool | None = None,
         channels: int = IMAGE_SHAPE[0],
         init: str = "default",
+        num_classes: int = 0,
     ):
         super().__init__()
         _check_init(init)
+        self.num_classes = num_classes
         if batch_norm is None:
             batch_norm = not spectral_norm
         f = filters
@@ -119,6 +142,9 @@ class Discriminator(nn.Module):
             layers.append(_act(activation))
         layers.append(nn.Conv2d(f * 8, 1, kernel_size=4, stride=1, padding=0))
         self.pipe = nn.Sequential(*layers)
+        self.embed = nn.Embedding(num_classes, f * 8) if num_classes else None
+        if self.embed is not None:
+            nn.init.normal_(self.embed.weight, 0.0, 0.02)  # N(0, 1) would swamp the unconditional logit
         if init == "dcgan":
             dcgan_init_(self)
         if spectral_norm:
@@ -127,16 +153,25 @@ class Discriminator(nn.Module):
                 if isinstance(m, nn.Conv2d):
                     nn.utils.parametrizations.spectral_norm(m)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pipe(x).view(-1)
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is None:
+            return self.pipe(x).view(-1)
+        if labels is None:
+            raise ValueError("this discriminator is class-conditional: pass the game labels")
+        features = self.pipe[:-1](x)
+        projection = (self.embed(labels.long()).to(features.dtype) * features.sum(dim=(2, 3))).sum(dim=1)
+        return self.pipe[-1](features).view(-1) + projection
 
 
 def model_kwargs(params: Params) -> dict[str, dict]:
     """Constructor arguments of both networks from EFFECTIVE params (stored beside saved weights)."""
     m, t = params.model, params.train
+    classes = len(params.collect.games) if m.conditional else 0
     return {
-        "generator": {"latent_dim": m.latent_dim, "filters": m.gen_filters, "init": t.init, "upsample": m.upsample},
+        "generator": {"latent_dim": m.latent_dim, "filters": m.gen_filters, "init": t.init, "upsample": m.upsample,
+                      "num_classes": classes},
         "discriminator": {
+            "num_classes": classes,
             "filters": m.disc_filters,
             "activation": t.d_activation,
             "spectral_norm": t.spectral_norm,

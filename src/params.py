@@ -92,6 +92,7 @@ class ModelParams(_Section):
     upsample: Literal["transposed", "nearest"] = Field(
         "transposed", description="generator upsampling: transposed convs (the article's) | nearest resize + 3x3 conv"
     )
+    conditional: bool = Field(False, description="condition G and D on the game label")
 
 
 class TrainParams(_Section):
@@ -200,7 +201,7 @@ class Params(_Section):
 
 
 # The article's recipe, applied whole by `train.recipe: article` whatever else params.yaml says.
-ARTICLE_MODEL = {"latent_dim": 100, "gen_filters": 64, "disc_filters": 64, "upsample": "transposed"}
+ARTICLE_MODEL = {"latent_dim": 100, "gen_filters": 64, "disc_filters": 64, "upsample": "transposed", "conditional": False}
 ARTICLE_TRAIN = {
     "batch_size": 16,
     "lr_g": 1e-4,

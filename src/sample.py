@@ -2,6 +2,7 @@
 
 `python -m src.sample --n 64 --out samples.png --grid` writes one grid image;
 `python -m src.sample --n 500 --out samples/` writes a folder of PNGs (0000.png, ...).
+`--game Pong-v4` draws one game (generators trained with `model.conditional: true`).
 `--model` defaults to `models/generator_ema.pt` when it exists, else `models/generator.pt`.
 The same seed gives the same images on any device and at any batch size: the noise is drawn
 on the CPU, once, from the seed.
@@ -21,7 +22,7 @@ from torch import nn
 from src.data import to_uint8
 from src.device import resolve_device
 from src.errors import UserError, run_cli
-from src.models import Generator
+from src.models import Generator, mix_labels
 from src.params import IMAGE_SHAPE
 
 MODELS_DIR = Path("models")
@@ -73,11 +74,34 @@ def generate_images(
     seed: int,
     device: str | torch.device,
     batch_size: int = 256,
+    game: int | None = None,
 ) -> torch.Tensor:
-    """`n` images as a uint8 (n, 3, 64, 64) CPU tensor; the same for the same seed and weights."""
+    """`n` images as a uint8 (n, 3, 64, 64) CPU tensor; the same for the same seed and weights.
+
+    A class-conditional generator draws the training mix of games (`mix_labels`), or only the game
+    with index `game`.
+    """
     noise = torch.randn(n, latent_dim, 1, 1, generator=torch.Generator().manual_seed(seed))
-    chunks = [to_uint8(generator(z.to(device))).cpu() for z in noise.split(batch_size)]
+    if getattr(generator, "num_classes", 0):
+        labels = mix_labels(n, generator.class_freq.cpu()) if game is None else torch.full((n,), game)
+        pairs = zip(noise.split(batch_size), labels.split(batch_size))
+        chunks = [to_uint8(generator(z.to(device), y.to(device))).cpu() for z, y in pairs]
+    else:
+        if game is not None:
+            raise UserError("this generator was not trained class-conditional (model.conditional: false); "
+                            "it cannot draw one chosen game")
+        chunks = [to_uint8(generator(z.to(device))).cpu() for z in noise.split(batch_size)]
     return torch.cat(chunks) if chunks else torch.empty(0, *IMAGE_SHAPE, dtype=torch.uint8)
+
+
+def game_index(meta: dict[str, Any], game: str) -> int:
+    """The label of `game` in a conditional generator file's metadata, or a clear error."""
+    games = list(meta.get("params", {}).get("collect.games", []))
+    if meta.get("model", {}).get("num_classes", 0) == 0:
+        raise UserError("--game needs a generator trained with model.conditional: true")
+    if game not in games:
+        raise UserError(f"--game {game!r}: this generator knows {', '.join(games)}")
+    return games.index(game)
 
 
 def write_png(image: torch.Tensor, path: Path) -> None:
@@ -131,6 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--game", default=None, help="only this game, e.g. Pong-v4 (class-conditional generators)")
     return parser.parse_args(argv)
 
 
@@ -142,8 +167,9 @@ def main(argv: list[str] | None = None) -> Path:
         raise UserError(f"--out {args.out} looks like a file: add --grid for one grid image, or give a folder")
     device = resolve_device(args.device, key="--device")
     generator, meta = load_generator(args.model or default_model_path(), device)
+    game = None if args.game is None else game_index(meta, args.game)
     images = generate_images(generator, args.n, latent_dim=meta["latent_dim"], seed=args.seed, device=device,
-                             batch_size=args.batch_size)
+                             batch_size=args.batch_size, game=game)
     out = write_grid(images, args.out, args.nrow) if args.grid else write_folder(images, args.out)
     print(f"wrote {args.n} images to {out}")
     return out

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -240,6 +241,7 @@ class GANTrainer:
         precision: torch.dtype | None,
         rank: int = 0,
         world_size: int = 1,
+        labels: np.ndarray | None = None,
     ):
         self.params = params
         self.t = t = params.train
@@ -256,6 +258,12 @@ class GANTrainer:
 
         torch.manual_seed(params.seed)  # same initial weights in every process and every rerun
         generator, discriminator = build_models(params)
+        self.conditional = generator.num_classes > 0
+        if self.conditional:
+            if labels is None or len(labels) != len(images):
+                raise ValueError("a class-conditional model needs one game label per training frame")
+            counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=generator.num_classes)
+            generator.class_freq.copy_(torch.from_numpy(counts / counts.sum()))
         self.G = generator.to(device, memory_format=self.memory_format)
         self.D = discriminator.to(device, memory_format=self.memory_format)
         self.ema = EMA(self.G, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
@@ -272,7 +280,8 @@ class GANTrainer:
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=t.lr_g, **adam)
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=t.lr_d, **adam)
 
-        self.sampler = DeviceSampler(images, device, seed=stream_seed(params.seed, rank, 0))
+        self.sampler = DeviceSampler(images, device, seed=stream_seed(params.seed, rank, 0),
+                                     labels=labels if self.conditional else None)
         self.rng = torch.Generator(device=device)  # noise, augmentation and GP mixing
         self.rng.manual_seed(stream_seed(params.seed, rank, 1))
 
@@ -303,8 +312,9 @@ class GANTrainer:
         # A graph must not keep autocast's cached weight casts: they are freed after capture.
         return torch.autocast(self.device.type, dtype=self.precision, cache_enabled=not self.graphed)
 
-    def _real(self) -> torch.Tensor:
-        return self.sampler.sample(self.t.batch_size).contiguous(memory_format=self.memory_format)
+    def _real(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        images, labels = self.sampler.sample_labelled(self.t.batch_size)
+        return images.contiguous(memory_format=self.memory_format), labels
 
     def noise(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.latent_dim, 1, 1, device=self.device, generator=self.rng)
@@ -361,17 +371,20 @@ class GANTrainer:
         t = self.t
         for k in range(t.d_steps):
             last = k == t.d_steps - 1
-            real = self._real()
+            real, labels = self._real()
+            # Conditional: fakes are drawn for the real batch's games, so both sides share one game mix.
+            cond = () if labels is None else (labels,)
             z = self.noise(t.batch_size)
             with self._autocast():
                 with torch.set_grad_enabled(last):  # only the last fake batch feeds the G step
-                    fake = self._g_run(z)
+                    fake = self._g_run(z, *cond)
                 real_in, fake_in = self._augment(real), self._augment(fake.detach())
-                real_logits = self._d_run(real_in)
-                fake_logits = self._d_run(fake_in)
+                real_logits = self._d_run(real_in, *cond)
+                fake_logits = self._d_run(fake_in, *cond)
                 loss_d = discriminator_loss(t.loss, real_logits, fake_logits)
                 if t.loss == "wgan-gp":
-                    loss_d = loss_d + t.gp_weight * gradient_penalty(self._d_run, real_in, fake_in, self.rng)
+                    critic = functools.partial(self._d_run, labels=labels) if cond else self._d_run
+                    loss_d = loss_d + t.gp_weight * gradient_penalty(critic, real_in, fake_in, self.rng)
             self.opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             self.opt_d.step()
@@ -380,7 +393,7 @@ class GANTrainer:
         self.D.requires_grad_(False)
         try:
             with self._autocast():
-                loss_g = generator_loss(t.loss, self._d_for_g(self._augment(fake)))
+                loss_g = generator_loss(t.loss, self._d_for_g(self._augment(fake), *cond))
             self.opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
         finally:
@@ -665,7 +678,13 @@ def train_gan(
     rank, world = _dist()
     device = resolve_device(t.device, int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else None)
     precision = resolve_precision(t.precision, device)
-    trainer = GANTrainer(params, snapshot.train_images, device, precision=precision, rank=rank, world_size=world)
+    if params.model.conditional and snapshot.games != params.collect.games:
+        raise SnapshotError(
+            f"model.conditional: the snapshot holds the games {snapshot.games} but collect.games is "
+            f"{params.collect.games}; rebuild the snapshot with `dvc repro collect` (or `python -m src.collect`)"
+        )
+    trainer = GANTrainer(params, snapshot.train_images, device, precision=precision, rank=rank, world_size=world,
+                         labels=snapshot.train_labels)
     fingerprint = training_fingerprint(params, snapshot.sha256, device, world)
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     fid_on = t.fid_every > 0 and (fid_fn is not None or world > 1)

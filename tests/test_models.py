@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from src.augment import AUGMENT_FNS, diff_augment, parse_policy
-from src.models import Discriminator, Generator, build_models, model_kwargs
+from src.models import Discriminator, Generator, build_models, mix_labels, model_kwargs
 from src.params import Params, effective, parse_params
 
 
@@ -182,7 +182,8 @@ def test_wgan_gp_critic_has_no_batch_norm_and_options_reach_the_models():
     gen, disc = build_models(params)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in disc.modules())
     assert any(isinstance(m, nn.LeakyReLU) for m in disc.modules())
-    assert kwargs["generator"] == {"latent_dim": 100, "filters": 32, "init": "dcgan", "upsample": "transposed"}
+    assert kwargs["generator"] == {"latent_dim": 100, "filters": 32, "init": "dcgan", "upsample": "transposed",
+                                   "num_classes": 0}
 
 
 def test_nearest_upsampling_generator_has_no_transposed_convs_after_the_first_layer():
@@ -194,6 +195,36 @@ def test_nearest_upsampling_generator_has_no_transposed_convs_after_the_first_la
     assert out.shape == (3, 3, 64, 64) and out.abs().max() <= 1
     with pytest.raises(ValueError, match="upsample='bilinear'; allowed: transposed, nearest"):
         Generator(upsample="bilinear")
+
+
+def test_conditional_models_use_the_game_label():
+    params = parse_params({"model": {"latent_dim": 8, "gen_filters": 4, "disc_filters": 4, "conditional": True}})
+    assert model_kwargs(params)["generator"]["num_classes"] == len(params.collect.games) == 3
+    gen, disc = build_models(params)
+    gen.eval()
+    z = torch.randn(6, 8, 1, 1)
+    pong, breakout = gen(z, torch.full((6,), 2)), gen(z, torch.zeros(6, dtype=torch.long))
+    assert pong.shape == (6, 3, 64, 64) and not torch.allclose(pong, breakout)
+    assert torch.equal(gen(z), gen(z, mix_labels(6, gen.class_freq)))  # no labels: the training mix
+    with torch.no_grad():
+        disc.embed.weight.normal_()  # a trained projection: the label now moves the logit
+    x = torch.rand(4, 3, 64, 64) * 2 - 1
+    assert not torch.allclose(disc(x, torch.zeros(4, dtype=torch.long)), disc(x, torch.ones(4, dtype=torch.long)))
+    with pytest.raises(ValueError, match="class-conditional: pass the game labels"):
+        disc(x)
+
+
+def test_mix_labels_follow_the_proportions_in_every_prefix():
+    freq = torch.tensor([0.5, 0.2, 0.3])
+    labels = mix_labels(1000, freq)
+    assert torch.equal(labels, mix_labels(1000, freq))  # no randomness
+    assert torch.bincount(labels, minlength=3).tolist() == pytest.approx([500, 200, 300], abs=2)
+    assert sorted(set(mix_labels(8, freq).tolist())) == [0, 1, 2]  # a small grid shows every game
+
+
+def test_unconditional_models_have_no_label_parts():
+    gen, disc = build_models(parse_params({}))
+    assert gen.num_classes == 0 and disc.embed is None and not hasattr(gen, "class_freq")
 
 
 # DiffAugment --------------------------------------------------------------------------------

@@ -79,3 +79,28 @@ def test_cli_writes_a_grid_and_a_folder(generator_file, tmp_path, monkeypatch):
     assert np.array_equal(first, expected[0].permute(1, 2, 0).numpy())  # PNG keeps the exact pixels
     with pytest.raises(UserError, match="add --grid"):
         main(["--out", str(tmp_path / "x.png")])
+
+
+def test_conditional_generator_draws_the_mix_or_one_game(tmp_path, monkeypatch):
+    params = parse_params({"model": {"latent_dim": 16, "gen_filters": 8, "conditional": True}})
+    torch.manual_seed(0)
+    gen = Generator(16, 8, num_classes=3)
+    gen.class_freq.copy_(torch.tensor([0.5, 0.25, 0.25]))
+    path = tmp_path / "g.pt"
+    save_torch_atomic(path, generator_payload(_cpu_state(gen), params, step=1, kind="generator"))
+    loaded, meta = load_generator(path)
+    assert torch.equal(loaded.class_freq, gen.class_freq)
+    mixed = generate_images(loaded, 9, latent_dim=16, seed=1, device="cpu", batch_size=2)
+    assert torch.equal(mixed, generate_images(loaded, 9, latent_dim=16, seed=1, device="cpu"))  # batch-independent
+    pong = generate_images(loaded, 9, latent_dim=16, seed=1, device="cpu", game=2)
+    assert not torch.equal(mixed, pong)
+    out = main(["--n", "4", "--grid", "--out", str(tmp_path / "pong.png"), "--model", str(path), "--game", "Pong-v4"])
+    assert out.is_file()
+    with pytest.raises(UserError, match="--game 'Tetris-v4': this generator knows Breakout-v4, AirRaid-v4, Pong-v4"):
+        main(["--n", "4", "--grid", "--out", str(tmp_path / "x.png"), "--model", str(path), "--game", "Tetris-v4"])
+
+
+def test_game_needs_a_conditional_generator(generator_file, tmp_path):
+    with pytest.raises(UserError, match="--game needs a generator trained with model.conditional: true"):
+        main(["--n", "2", "--grid", "--out", str(tmp_path / "x.png"), "--model", str(generator_file[0]),
+              "--game", "Pong-v4"])

@@ -20,6 +20,7 @@ from torch import nn
 
 import src.train as train
 from src.data import DeviceSampler, SnapshotError, load_snapshot, write_snapshot
+from src.models import Discriminator
 from src.params import effective, parse_params
 from src.train import (
     EMA,
@@ -159,8 +160,8 @@ def test_article_preset_in_the_trainer():
         assert group["lr"] == 1e-4 and group["betas"] == (0.5, 0.999)
     assert trainer.ema is None and trainer.policy == () and trainer.t.loss == "bce"
     batches = []
-    sample = trainer.sampler.sample
-    trainer.sampler.sample = lambda n: batches.append(n) or sample(n)
+    sample = trainer.sampler.sample_labelled
+    trainer.sampler.sample_labelled = lambda n: batches.append(n) or sample(n)
     trainer.step()
     assert batches == [16]
 
@@ -231,6 +232,32 @@ def test_spectral_norm_and_leaky_relu_options_train():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in trainer.D.modules())
     assert any(nn.utils.parametrize.is_parametrized(m) for m in trainer.D.modules())
     assert torch.isfinite(torch.stack([trainer.step() for _ in range(2)])).all()
+
+
+def test_conditional_option_learns_the_game_mix_and_feeds_labels(tmp_path, monkeypatch):
+    params = parse_params({"model": {**TINY_MODEL, "conditional": True}, "train": {**TINY_TRAIN, "iterations": 4},
+                           "collect": {"games": ["Breakout-v4", "Pong-v4"]}})
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 36 + [1] * 12)
+    arrays = {"train_images": rng.integers(0, 256, (48, 3, 64, 64), dtype=np.uint8), "train_labels": labels,
+              "holdout_images": rng.integers(0, 256, (8, 3, 64, 64), dtype=np.uint8),
+              "holdout_labels": np.zeros(8, np.int64)}
+    write_snapshot(tmp_path / "snap", arrays, {"games": ["Breakout-v4", "Pong-v4"]})
+    snap = load_snapshot(tmp_path / "snap")
+    seen = []
+    original = Discriminator.forward
+
+    def spy(self, x, labels=None):
+        seen.append(labels)
+        return original(self, x, labels)
+
+    monkeypatch.setattr(Discriminator, "forward", spy)
+    result = train_gan(params, snap, checkpoint_dir=None, progress=False)
+    assert torch.allclose(result.ema_generator.class_freq, torch.tensor([0.75, 0.25]))
+    assert seen and all(y is not None and set(y.tolist()) <= {0, 1} for y in seen)
+    other = params.model_copy(update={"collect": params.collect.model_copy(update={"games": ["Pong-v4", "Breakout-v4"]})})
+    with pytest.raises(SnapshotError, match=r"model.conditional: the snapshot holds the games .*dvc repro collect"):
+        train_gan(other, snap, checkpoint_dir=None, progress=False)
 
 
 def test_cuda_graphs_option_is_ignored_off_cuda(caplog):
