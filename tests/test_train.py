@@ -363,14 +363,14 @@ def test_time_budget_stops_early_with_full_outputs(snapshot, tmp_path):
 
 def test_non_finite_loss_stops_with_iteration_and_last_good_checkpoint(snapshot, tmp_path, monkeypatch):
     calls = {"n": 0}
-    clean = DeviceSampler.sample
+    clean = DeviceSampler.sample_labelled
 
     def poisoned(self, batch_size):
         calls["n"] += 1
-        batch = clean(self, batch_size)
-        return batch.fill_(float("nan")) if calls["n"] >= 16 else batch
+        batch, labels = clean(self, batch_size)
+        return (batch.fill_(float("nan")) if calls["n"] >= 16 else batch), labels
 
-    monkeypatch.setattr(DeviceSampler, "sample", poisoned)
+    monkeypatch.setattr(DeviceSampler, "sample_labelled", poisoned)
     ckpt_dir = tmp_path / "ckpt"
     with pytest.raises(NonFiniteLossError) as err:
         train_gan(tiny(log_every=4, checkpoint_every=10), snapshot, checkpoint_dir=ckpt_dir, progress=False)
