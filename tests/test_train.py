@@ -21,7 +21,7 @@ from torch import nn
 import src.train as train
 from src.data import DeviceSampler, SnapshotError, load_snapshot, write_snapshot
 from src.models import Discriminator
-from src.params import effective, parse_params
+from src.params import Params, effective, parse_params
 from src.train import (
     EMA,
     DeviceError,
@@ -499,15 +499,15 @@ DDP_RUNNER = textwrap.dedent(
     cfg = json.loads(sys.argv[1])
     rank, world = init_distributed("cpu")
     first = []
-    sample = DeviceSampler.sample
+    sample = DeviceSampler.sample_labelled
 
     def recording(self, n):
-        batch = sample(self, n)
+        batch, labels = sample(self, n)
         if not first:
             first.append(batch.sum().item())
-        return batch
+        return batch, labels
 
-    DeviceSampler.sample = recording
+    DeviceSampler.sample_labelled = recording
     logs = []
     result = train_gan(parse_params(cfg["params"]), load_snapshot(Path(cfg["snapshot"])),
                        checkpoint_dir=Path(cfg["ckpt"]), log_fn=lambda s, m: logs.append(s), progress=False)
@@ -565,7 +565,7 @@ def test_main_tracks_the_run_in_mlflow(tmp_path, monkeypatch):
     client = MlflowClient()
     run = client.get_run(run_info["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.info.experiment_id == run_info["mlflow_experiment_id"]
-    assert run.data.params["train.lr_g"] == "0.0002" and run.data.params["model.gen_filters"] == "8"
+    assert run.data.params["train.lr_g"] == str(Params().train.lr_g) and run.data.params["model.gen_filters"] == "8"
     assert run.data.tags["recipe"] == "custom" and run.data.tags["dvc_exp_name"] == "test-exp"
     assert run.data.tags["snapshot_sha256"] == load_snapshot(tmp_path / "data" / "snapshot").sha256
     assert {"git_commit", "device"} <= set(run.data.tags)
@@ -625,7 +625,7 @@ def check_through_mlflow_ui(workdir, run_id: str) -> None:
         runs = get("/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
         run = next(r for r in runs if r["info"]["run_id"] == run_id)
         params = {p["key"]: p["value"] for p in run["data"]["params"]}
-        assert params["train.lr_g"] == "0.0002" and params["train.recipe"] == "custom"
+        assert params["train.lr_g"] == str(Params().train.lr_g) and params["train.recipe"] == "custom"
         assert {"loss_g", "loss_d", "d_real", "d_fake", "images_per_s"} <= {m["key"] for m in run["data"]["metrics"]}
         history = get(f"/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key=loss_g")["metrics"]
         assert [m["step"] for m in history] == [2, 3, 4, 6]
