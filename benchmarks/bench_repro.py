@@ -29,7 +29,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "RESULTS.md"
+sys.path.insert(0, str(REPO))
+
+from benchmarks.results_md import RESULTS_MD as RESULTS, write_block  # noqa: E402
 
 # The README's "quick preset for a CPU".
 PRESET = {
@@ -128,14 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     ])
     print(text)
     if args.write:
-        begin, end = "<!-- bench-repro:begin -->", "<!-- bench-repro:end -->"
-        md = RESULTS.read_text()
-        block = f"{begin}\n{text}\n{end}"
-        md = (re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, md, flags=re.S)
-              if begin in md else md.rstrip() + "\n\n## Whole pipeline: `dvc repro` on the small CPU preset\n\n"
-              "Written by `benchmarks/bench_repro.py --write`.\n\n" + block + "\n")
-        RESULTS.write_text(md)
-
+        write_block("bench-repro", text, "## Whole pipeline: `dvc repro` on the small CPU preset\n\n"
+                    "Written by `benchmarks/bench_repro.py --write`.\n\n")
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,6 @@ import datetime as dt
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -36,11 +35,11 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from benchmarks.results_md import write_block  # noqa: E402
 from src.params import Params, effective, load_params  # noqa: E402
 
 STUDY_SNAPSHOT = REPO / "data" / "study" / "snapshot"
 RESULTS_DIR = REPO / "benchmarks" / "quality"
-RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
 HOLDOUT_FRAMES = 2100
 
 # Candidates, as overrides of params.yaml. `article` is the article's recipe (params.effective);
@@ -209,19 +208,6 @@ def fid_curves(records: list[dict[str, Any]], recipe: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    begin, end = "<!-- quality-study:begin -->", "<!-- quality-study:end -->"
-    md = RESULTS_MD.read_text()
-    block = f"{begin}\n{text}\n{end}"
-    if begin in md:
-        md = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, md, flags=re.S)
-    else:
-        md = md.rstrip() + "\n\n" + block + "\n"
-    tmp = RESULTS_MD.with_suffix(".md.tmp")
-    tmp.write_text(md)
-    os.replace(tmp, RESULTS_MD)
-
-
 def make_snapshot(holdout: int) -> None:
     from src.collect import collect_snapshot, summary
     from src.data import load_snapshot
@@ -266,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
             text += "\n\n" + fid_curves(records, args.curves)
         print(text)
         if args.write:
-            write_section(text)
+            write_block("quality-study", text)
 
 
 if __name__ == "__main__":
