@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -28,22 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.results_md import machine
 from src import evaluate, fid
 from src.data import write_snapshot
 from src.params import parse_params
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (+ {os.cpu_count()} CPU cores)"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores visible"
-    except OSError:
-        pass
-    return f"{platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores visible"
 
 
 def screens(n: int, seed: int) -> np.ndarray:

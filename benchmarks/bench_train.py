@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import random
 import re
 import statistics
@@ -41,6 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from benchmarks.results_md import machine  # noqa: E402
 from src.data import load_snapshot, write_snapshot  # noqa: E402
 from src.models import Discriminator, Generator  # noqa: E402
 from src.params import ARTICLE_TRAIN, parse_params  # noqa: E402
@@ -192,19 +192,6 @@ def timed(loop, iterations: int, device: torch.device) -> float:
     loop.run(iterations)
     sync(device)
     return time.perf_counter() - t0
-
-
-def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    text = f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, torch threads: {torch.get_num_threads()}"
-    if device.type == "cuda":
-        text = f"{torch.cuda.get_device_name(device)}; host {text}"
-    return text
 
 
 def measure(args: argparse.Namespace) -> dict:

@@ -23,7 +23,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from benchmarks.results_md import write_block  # noqa: E402
+from benchmarks.results_md import machine, write_block  # noqa: E402
 from src.params import Params, effective, load_params  # noqa: E402
 
 STUDY_SNAPSHOT = REPO / "data" / "study" / "snapshot"
@@ -49,7 +48,8 @@ TUNED_LR = {"train.lr_g": 2.74e-4, "train.lr_d": 1.42e-3, "train.beta1": 0.064, 
 TEXTBOOK = {"train.recipe": "custom", "model.gen_filters": 64, "model.disc_filters": 64, "train.batch_size": 64,
             "train.lr_g": 2e-4, "train.lr_d": 2e-4, "train.beta1": 0.5, "train.beta2": 0.999, "train.loss": "bce",
             "train.d_activation": "leaky_relu", "train.init": "dcgan", "train.spectral_norm": False,
-            "train.ema_decay": 0.999, "train.ema_warmup": 1000, "train.augment": ""}
+            "train.ema_decay": 0.999, "train.ema_warmup": 1000, "train.augment": "", "train.lr_decay": "none",
+            "model.palette_size": 0, "model.upsample": "transposed", "model.conditional": False}
 SMALL = {**TEXTBOOK, "model.gen_filters": 32, "model.disc_filters": 32, "train.batch_size": 32}
 RECIPES: dict[str, dict[str, Any]] = {
     "article": {"train.recipe": "article"},
@@ -70,6 +70,28 @@ RECIPES: dict[str, dict[str, Any]] = {
     "small-hinge-sn": {**SMALL, "train.loss": "hinge", "train.spectral_norm": True, "train.lr_g": 1e-4,
                        "train.lr_d": 4e-4, "train.beta1": 0.0, "train.beta2": 0.9},
     "tuned-64": {**TEXTBOOK, **TUNED_LR, "train.batch_size": 32},
+    # Second round (screened first on a GPU at the step counts these reach in 10 CPU-minutes).
+    "small-tuned-decay": {**SMALL, **TUNED_LR, "train.lr_decay": "linear"},
+    "small-tuned-ema995": {**SMALL, **TUNED_LR, "train.ema_decay": 0.995},
+    "small-tuned-ema99": {**SMALL, **TUNED_LR, "train.ema_decay": 0.99},
+    "small-tuned-decay-ema995": {**SMALL, **TUNED_LR, "train.lr_decay": "linear", "train.ema_decay": 0.995},
+    "small-tuned-decay-noema": {**SMALL, **TUNED_LR, "train.lr_decay": "linear", "train.ema_decay": 0.0},
+    "small-tuned-beta05": {**SMALL, **TUNED_LR, "train.beta1": 0.5},
+    "small-tuned-lrg2x": {**SMALL, **TUNED_LR, "train.lr_g": 5.48e-4},
+    "small-tuned-lrd-half": {**SMALL, **TUNED_LR, "train.lr_d": 7.1e-4},
+    "small-tuned-lr2x-decay": {**SMALL, **TUNED_LR, "train.lr_g": 5.48e-4, "train.lr_d": 2.84e-3,
+                               "train.lr_decay": "linear"},
+    "small-tuned-lrg2x-decay": {**SMALL, **TUNED_LR, "train.lr_g": 5.48e-4, "train.lr_decay": "linear"},
+    "small-tuned-sn-decay": {**SMALL, **TUNED_LR, "train.spectral_norm": True, "train.lr_decay": "linear"},
+    "small-decay": {**SMALL, "train.lr_decay": "linear"},
+    "small-tuned-torchinit": {**SMALL, **TUNED_LR, "train.init": "default"},
+    "small-tuned-hinge": {**SMALL, **TUNED_LR, "train.loss": "hinge"},
+    "small-tuned-translation": {**SMALL, **TUNED_LR, "train.augment": "translation"},
+    "small-tuned-b64": {**SMALL, **TUNED_LR, "train.batch_size": 64},
+    "small-tuned-b16-decay": {**SMALL, **TUNED_LR, "train.batch_size": 16, "train.lr_decay": "linear"},
+    "small-tuned-g48": {**SMALL, **TUNED_LR, "model.gen_filters": 48},
+    "small-tuned-d48": {**SMALL, **TUNED_LR, "model.disc_filters": 48},
+    "small-tuned-pal16": {**SMALL, **TUNED_LR, "model.palette_size": 16},  # palette at drawing time
 }
 
 
@@ -82,27 +104,18 @@ def with_overrides(params: Params, overrides: dict[str, Any]) -> Params:
     return Params.model_validate(raw)
 
 
-def study_params(base: Params, recipe: str, seed: int, budget_s: float, fid_every: int, fid_samples: int,
-                 samples: int) -> Params:
+def study_params(base: Params, recipe: str, seed: int, budget_s: float | None, fid_every: int, fid_samples: int,
+                 samples: int, device: str = "cpu", iterations: int | None = None,
+                 inception_weights: str | None = None) -> Params:
+    """The recipe's params for one study run: a time budget, or (`iterations`) a step budget instead."""
     return with_overrides(base, {
         **RECIPES[recipe],
-        "seed": seed, "train.device": "cpu", "train.iterations": 10**9, "train.time_budget_s": budget_s,
+        "seed": seed, "train.device": device, "train.iterations": iterations or 10**9,
+        "train.time_budget_s": None if iterations else budget_s,
         "train.fid_every": fid_every, "train.fid_samples": fid_samples, "train.log_every": 100,
         "train.image_every": 10**9, "train.checkpoint_every": 10**9, "evaluate.num_samples": samples,
-        "evaluate.device": "cpu",
+        "evaluate.device": device, "evaluate.inception_weights": inception_weights,
     })
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}"
 
 
 def run_one(recipe: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -113,11 +126,12 @@ def run_one(recipe: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     from src.train import train_gan
 
     params = study_params(load_params(), recipe, seed, args.budget_s, args.fid_every, args.fid_samples,
-                          args.samples)
+                          args.samples, args.device, args.iterations, args.inception_weights)
+    device = torch.device(args.device)
     snapshot = load_snapshot(STUDY_SNAPSHOT)
     load_before = os.getloadavg()
     started = time.time()
-    measure = make_fid_fn(snapshot, params, "cpu")
+    measure = make_fid_fn(snapshot, params, device)
 
     def fid_fn(step: int, generator: torch.nn.Module) -> float:
         fid = measure(step, generator)
@@ -125,9 +139,12 @@ def run_one(recipe: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         return fid
 
     result = train_gan(params, snapshot, checkpoint_dir=None, fid_fn=fid_fn, progress=False)
+    # --fid-every 0 keeps no best step: the run is scored on its last eval generator.
+    kept = result.best_state or {k: v.detach().cpu() for k, v in result.eval_generator.state_dict().items()}
     generator, _ = build_models(effective(params))
-    generator.load_state_dict(result.best_state)
-    extractor = InceptionFeatures(resolve_inception_weights(None), device="cpu", batch_size=100)
+    generator.load_state_dict(kept)
+    generator.to(device)
+    extractor = InceptionFeatures(resolve_inception_weights(args.inception_weights), device=device, batch_size=100)
     metrics, fake = evaluate_generator(generator, snapshot, extractor, latent_dim=params.model.latent_dim,
                                        num_samples=args.samples, kid_subset_size=params.evaluate.kid_subset_size,
                                        seed=seed)
@@ -139,11 +156,14 @@ def run_one(recipe: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         "seed": seed,
         "overrides": RECIPES[recipe],
         "date": dt.date.today().isoformat(),
-        "machine": machine(),
+        "machine": machine(device),
+        "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        "budget_s": args.budget_s,
+        "budget_s": None if args.iterations else args.budget_s,
+        "budget_iterations": args.iterations,
+        "inception_weights_sha256": extractor.weights_sha256,
         "train_seconds": round(result.elapsed_s, 1),
         "wall_seconds": round(time.time() - started, 1),
         "iterations": result.iterations,
@@ -161,7 +181,7 @@ def run_one(recipe: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         "num_real": metrics["num_real"],
         "snapshot_sha256": metrics["snapshot_sha256"],
     }
-    save_torch_atomic(out / f"{name}.generator.pt", {"state_dict": result.best_state, "params": params.model_dump()})
+    save_torch_atomic(out / f"{name}.generator.pt", {"state_dict": kept, "params": params.model_dump()})
     write_json_atomic(out / f"{name}.json", record)
     print(f"{name}: {result.iterations} iterations in {result.elapsed_s:.0f} s, best step {result.best_step}, "
           f"FID {metrics['fid']:.1f}, KID {metrics['kid_mean']:.4f}", flush=True)
@@ -230,6 +250,11 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--fid-every", type=int, default=500)
     run.add_argument("--fid-samples", type=int, default=250)
     run.add_argument("--samples", type=int, default=2048, help="generated screens for the final FID/KID")
+    run.add_argument("--iterations", type=int, default=None,
+                     help="train this many steps instead of --budget-s seconds (to replay a CPU budget elsewhere)")
+    run.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    run.add_argument("--inception-weights", default=None,
+                     help="InceptionV3 weights file (default: the torch hub cache, as evaluate uses)")
     run.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     run.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the run's json and grid go")
     rep = sub.add_parser("report", help="print the table from benchmarks/quality/*.json")

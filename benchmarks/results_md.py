@@ -1,10 +1,14 @@
-"""Replace a marked block of benchmarks/RESULTS.md (`<!-- tag:begin -->` ... `<!-- tag:end -->`), atomically."""
+"""What the benchmark scripts share when they report: the machine line, and writing a marked block of
+benchmarks/RESULTS.md (`<!-- tag:begin -->` ... `<!-- tag:end -->`) atomically."""
 
 from __future__ import annotations
 
 import os
+import platform
 import re
 from pathlib import Path
+
+import torch
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -21,3 +25,18 @@ def write_block(tag: str, text: str, new_section: str = "", path: Path = RESULTS
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(md)
     os.replace(tmp, path)
+
+
+def machine(device: torch.device | str = "cpu") -> str:
+    """The CPU model, its cores, torch and its thread count; the GPU first when `device` is CUDA."""
+    device = torch.device(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, torch threads: {torch.get_num_threads()}"
+    if device.type == "cuda":
+        text = f"{torch.cuda.get_device_name(device)}; host {text}"
+    return text

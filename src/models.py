@@ -18,10 +18,16 @@ WGAN-GP loss (the penalty is per sample; Gulrajani et al. 2017 use no BN in the 
 Class-conditional on the game (`num_classes` > 0): G takes a one-hot game label beside the noise,
 D adds a projection term (Miyato & Koyama 2018): the mix of games is set by the labels, not
 left to the generator (measured in benchmarks/RESULTS.md: not better FID at a 10-minute CPU budget).
+Palette output (`palette_size` > 0): Atari screens are drawn from a small palette (in the default
+snapshot the 64 commonest colours cover 99.5% of pixels), so a generator in eval mode, the one that
+draws screens, snaps each pixel to the nearest of the training frames' commonest colours. Training
+sees the raw output: snapping inside the training step too (straight-through gradients) was
+measured slower and no better (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -67,7 +73,7 @@ class Generator(nn.Module):
     """
 
     def __init__(self, latent_dim: int = 100, filters: int = 64, channels: int = IMAGE_SHAPE[0], init: str = "default",
-                 upsample: str = "transposed", num_classes: int = 0):
+                 upsample: str = "transposed", num_classes: int = 0, palette_size: int = 0):
         super().__init__()
         _check_init(init)
         if upsample not in UPSAMPLE_KINDS:
@@ -77,6 +83,10 @@ class Generator(nn.Module):
         if num_classes:
             # The training frames' game mix, set by the trainer; labels default to it when not given.
             self.register_buffer("class_freq", torch.full((num_classes,), 1.0 / num_classes))
+        self.palette_size = palette_size
+        if palette_size:
+            # Colours in [-1, 1], commonest first; set from the training frames by the trainer.
+            self.register_buffer("palette", torch.zeros(palette_size, channels))
         f = filters
         layers: list[nn.Module] = [
             nn.ConvTranspose2d(latent_dim + num_classes, f * 8, kernel_size=4, stride=1, padding=0),
@@ -96,7 +106,32 @@ class Generator(nn.Module):
                 labels = mix_labels(len(z), self.class_freq)
             onehot = nn.functional.one_hot(labels.long(), self.num_classes).to(z.dtype)
             z = torch.cat([z, onehot.view(len(z), self.num_classes, 1, 1)], dim=1)
-        return self.pipe(z)
+        x = self.pipe(z)
+        return snap_to_palette(x, self.palette) if self.palette_size and not self.training else x
+
+
+def snap_to_palette(x: torch.Tensor, palette: torch.Tensor) -> torch.Tensor:
+    """Each pixel of `x` (B, C, H, W) replaced by its nearest colour of `palette` (K, C)."""
+    flat = x.detach().float().permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    nearest = torch.cdist(flat, palette.float()).argmin(dim=1)
+    snapped = palette[nearest].view(x.shape[0], x.shape[2], x.shape[3], x.shape[1]).permute(0, 3, 1, 2)
+    return snapped.to(x.dtype).contiguous()
+
+
+def palette_of(images: np.ndarray, size: int, every: int = 10) -> torch.Tensor:
+    """The `size` commonest colours of uint8 (N, 3, H, W) frames (every `every`-th frame), as (size, 3) in [-1, 1].
+
+    Ties go to the smaller 24-bit colour code, so the palette is the same on every machine.
+    Fewer distinct colours than `size`: the list repeats its last colour.
+    """
+    sample = np.asarray(images[::every], dtype=np.uint8)
+    codes = (sample[:, 0].astype(np.int64) << 16) | (sample[:, 1].astype(np.int64) << 8) | sample[:, 2]
+    counts = np.bincount(codes.ravel(), minlength=1 << 24)
+    order = np.argsort(-counts, kind="stable")[:size]
+    order = order[counts[order] > 0]
+    order = np.concatenate([order, np.repeat(order[-1:], size - len(order))])
+    rgb = np.stack([(order >> 16) & 255, (order >> 8) & 255, order & 255], axis=1)
+    return torch.from_numpy(rgb.astype(np.float32) / 127.5 - 1.0)
 
 
 def mix_labels(n: int, freq: torch.Tensor) -> torch.Tensor:
@@ -170,7 +205,7 @@ def model_kwargs(params: Params) -> dict[str, dict]:
     classes = len(params.collect.games) if m.conditional else 0
     return {
         "generator": {"latent_dim": m.latent_dim, "filters": m.gen_filters, "init": t.init, "upsample": m.upsample,
-                      "num_classes": classes},
+                      "num_classes": classes, "palette_size": m.palette_size},
         "discriminator": {
             "num_classes": classes,
             "filters": m.disc_filters,

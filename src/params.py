@@ -93,6 +93,16 @@ class ModelParams(_Section):
         "transposed", description="generator upsampling: transposed convs (the article's) | nearest resize + 3x3 conv"
     )
     conditional: bool = Field(False, description="condition G and D on the game label")
+    palette_size: int = Field(
+        16, ge=0, le=256, description="drawn screens take the training frames' N commonest colours; 0 = off"
+    )
+
+    @field_validator("palette_size")
+    @classmethod
+    def _palette_size(cls, size: int) -> int:
+        if size == 1:
+            raise ValueError("a palette of 1 colour draws blank screens; use 0 (off) or 2..256")
+        return size
 
 
 class TrainParams(_Section):
@@ -113,6 +123,9 @@ class TrainParams(_Section):
     spectral_norm: bool = False
     ema_decay: float = Field(0.999, ge=0, lt=1, description="0 = no EMA generator")
     ema_warmup: int = Field(1_000, ge=0, description="steps over which the EMA decay ramps up")
+    lr_decay: Literal["none", "linear"] = Field(
+        "none", description="linear: both learning rates fall linearly to 0 at train.iterations or train.time_budget_s"
+    )
     augment: str = Field("", description="comma-separated subset of color,translation,cutout (DiffAugment)")
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     channels_last: bool = True
@@ -201,7 +214,8 @@ class Params(_Section):
 
 
 # The article's recipe, applied whole by `train.recipe: article` whatever else params.yaml says.
-ARTICLE_MODEL = {"latent_dim": 100, "gen_filters": 64, "disc_filters": 64, "upsample": "transposed", "conditional": False}
+ARTICLE_MODEL = {"latent_dim": 100, "gen_filters": 64, "disc_filters": 64, "upsample": "transposed", "conditional": False,
+                 "palette_size": 0}
 ARTICLE_TRAIN = {
     "batch_size": 16,
     "lr_g": 1e-4,
@@ -214,6 +228,7 @@ ARTICLE_TRAIN = {
     "init": "default",
     "spectral_norm": False,
     "ema_decay": 0.0,
+    "lr_decay": "none",
     "augment": "",
 }
 

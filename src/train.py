@@ -70,7 +70,7 @@ from src.data import (
 )
 from src.device import DeviceError, resolve_device
 from src.errors import UserError, run_cli
-from src.models import Generator, build_models, model_kwargs
+from src.models import Generator, build_models, model_kwargs, palette_of
 from src.params import IMAGE_SHAPE, Params, effective, flatten, load_params
 
 log = logging.getLogger(__name__)
@@ -264,6 +264,8 @@ class GANTrainer:
                 raise ValueError("a class-conditional model needs one game label per training frame")
             counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=generator.num_classes)
             generator.class_freq.copy_(torch.from_numpy(counts / counts.sum()))
+        if generator.palette_size:
+            generator.palette.copy_(palette_of(images, generator.palette_size))
         self.G = generator.to(device, memory_format=self.memory_format)
         self.D = discriminator.to(device, memory_format=self.memory_format)
         self.ema = EMA(self.G, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
@@ -279,6 +281,7 @@ class GANTrainer:
             adam["capturable"] = self.graphed  # step counters on the device, updated inside the graph
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=t.lr_g, **adam)
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=t.lr_d, **adam)
+        self._reset_lr()
 
         self.sampler = DeviceSampler(images, device, seed=stream_seed(params.seed, rank, 0),
                                      labels=labels if self.conditional else None)
@@ -302,6 +305,24 @@ class GANTrainer:
     @property
     def eval_generator(self) -> nn.Module:
         return self.ema.model if self.ema is not None else self.G
+
+    def _reset_lr(self) -> None:
+        """params.yaml's learning rates, as floats or, for a captured step that decays them, device tensors.
+
+        A captured step bakes a float lr in; a device tensor can change between replays.
+        """
+        as_tensor = self.graphed and self.t.lr_decay != "none"
+        for opt, lr in ((self.opt_g, self.t.lr_g), (self.opt_d, self.t.lr_d)):
+            opt.param_groups[0]["lr"] = torch.tensor(lr, dtype=torch.float32, device=self.device) if as_tensor else lr
+
+    def set_lr_scale(self, scale: float) -> None:
+        """Both learning rates at `scale` times params.yaml's (the `train.lr_decay` schedule)."""
+        for opt, lr in ((self.opt_g, self.t.lr_g), (self.opt_d, self.t.lr_d)):
+            group = opt.param_groups[0]
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr * scale)
+            else:
+                group["lr"] = lr * scale
 
     def images_per_step(self, world_size: int) -> int:
         return self.t.batch_size * self.t.d_steps * world_size
@@ -429,6 +450,7 @@ class GANTrainer:
             self.ema.model.load_state_dict(state["ema"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
+        self._reset_lr()  # the schedule, not the checkpoint, sets the next step's lr
         self.step_count = int(state["step"])
 
     def weights_finite(self) -> bool:
@@ -771,6 +793,8 @@ def train_gan(
         if over_budget:
             stopped_by = "time_budget"
         while step < t.iterations and not over_budget:
+            if t.lr_decay == "linear":
+                trainer.set_lr_scale(lr_scale(step, t.iterations, clock.elapsed(), budget))
             losses = trainer.step()
             step += 1
             window.add(losses)
@@ -851,6 +875,17 @@ def train_gan(
         device=device_label(device),
         precision="bf16" if precision is torch.bfloat16 else "fp32",
     )
+
+
+def lr_scale(step: int, iterations: int, elapsed_s: float, budget_s: float | None) -> float:
+    """Linear decay: 1 at the start, 0 at whichever end comes first, the iteration count or the time budget.
+
+    Under a time budget the schedule follows the clock, so a slower machine decays over fewer steps.
+    """
+    done = step / iterations
+    if budget_s is not None:
+        done = max(done, elapsed_s / budget_s)
+    return max(0.0, 1.0 - done)
 
 
 def _last_good(ckpt_path: Path | None, step: int | None) -> str:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from src.augment import AUGMENT_FNS, diff_augment, parse_policy
-from src.models import Discriminator, Generator, build_models, mix_labels, model_kwargs
-from src.params import Params, effective, parse_params
+from src.models import Discriminator, Generator, build_models, mix_labels, model_kwargs, palette_of, snap_to_palette
+from src.params import Params, ParamsError, effective, parse_params
 
 
 def article_params() -> Params:
@@ -263,3 +264,47 @@ def test_diff_augment_is_differentiable():
 def test_unknown_policy_is_rejected():
     with pytest.raises(ValueError, match="allowed: color, translation, cutout"):
         parse_policy("color,blur")
+
+
+# Palette output -----------------------------------------------------------------------------
+
+
+def test_palette_of_takes_the_commonest_colours_deterministically():
+    frames = np.zeros((4, 3, 8, 8), np.uint8)
+    frames[:, 0, :, :4] = 200  # (200, 0, 0) on half the pixels
+    frames[:, 2, :2, 4:] = 100  # (0, 0, 100) on a quarter; (0, 0, 0) on the rest
+    palette = palette_of(frames, 4, every=1)
+    rgb = ((palette + 1) * 127.5).round().int().tolist()
+    assert rgb == [[200, 0, 0], [0, 0, 0], [0, 0, 100], [0, 0, 100]]  # padded with the last colour
+    assert palette.min() >= -1 and palette.max() <= 1
+
+
+def test_palette_generator_draws_only_palette_colours_and_trains_on_raw_output():
+    params = parse_params({"model": {"latent_dim": 8, "gen_filters": 4, "palette_size": 5}})
+    gen, _ = build_models(params)
+    colours = torch.tensor([[-1.0, -1, -1], [1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]])
+    gen.palette.copy_(colours)
+    z = torch.randn(3, 8, 1, 1)
+    gen.eval()
+    pixels = gen(z).permute(0, 2, 3, 1).reshape(-1, 3)
+    assert (pixels[:, None, :] == colours[None]).all(dim=2).any(dim=1).all()
+    gen.train()
+    raw = gen(z)
+    assert not (raw.detach().permute(0, 2, 3, 1).reshape(-1, 3)[:, None, :] == colours[None]).all(dim=2).any(dim=1).all()
+    raw.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.parameters())
+
+
+def test_snap_to_palette_picks_the_nearest_colour():
+    palette = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    x = torch.tensor([0.2, 0.7, -0.4]).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    assert torch.equal(snap_to_palette(x, palette), torch.zeros(1, 3, 2, 2))
+    assert torch.equal(snap_to_palette(x + 0.5, palette), torch.ones(1, 3, 2, 2))
+
+
+def test_palette_size_of_one_is_refused_and_zero_turns_the_palette_off():
+    with pytest.raises(ParamsError, match="model.palette_size = 1: a palette of 1 colour.*use 0 \\(off\\) or 2..256"):
+        parse_params({"model": {"palette_size": 1}})
+    assert build_models(parse_params({}))[0].palette.shape == (16, 3)
+    gen, _ = build_models(parse_params({"model": {"palette_size": 0}}))
+    assert gen.palette_size == 0 and not hasattr(gen, "palette")

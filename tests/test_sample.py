@@ -104,3 +104,17 @@ def test_game_needs_a_conditional_generator(generator_file, tmp_path):
     with pytest.raises(UserError, match="--game needs a generator trained with model.conditional: true"):
         main(["--n", "2", "--grid", "--out", str(tmp_path / "x.png"), "--model", str(generator_file[0]),
               "--game", "Pong-v4"])
+
+
+def test_palette_generator_file_keeps_its_palette(tmp_path):
+    params = parse_params({"model": {"latent_dim": 16, "gen_filters": 8, "palette_size": 4}})
+    torch.manual_seed(0)
+    gen = Generator(16, 8, palette_size=4)
+    gen.palette.copy_(torch.tensor([[-1.0, -1, -1], [1, 1, 1], [1, -1, -1], [-1, 1, 1]]))
+    path = tmp_path / "g.pt"
+    save_torch_atomic(path, generator_payload(_cpu_state(gen), params, step=1, kind="generator"))
+    loaded, _ = load_generator(path)
+    assert torch.equal(loaded.palette, gen.palette)
+    images = generate_images(loaded, 3, latent_dim=16, seed=0, device="cpu")
+    colours = {tuple(c) for c in images.permute(0, 2, 3, 1).reshape(-1, 3).tolist()}
+    assert colours <= {(0, 0, 0), (255, 255, 255), (255, 0, 0), (0, 255, 255)}

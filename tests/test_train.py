@@ -30,6 +30,7 @@ from src.train import (
     discriminator_loss,
     generator_loss,
     gradient_penalty,
+    lr_scale,
     resolve_device,
     train_gan,
     write_outputs,
@@ -225,6 +226,42 @@ def test_bf16_and_channels_last_options():
     conv = trainer.G.pipe[3].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     assert trainer_for(tiny(channels_last=False)).G.pipe[3].weight.is_contiguous()
+
+
+def test_lr_scale_is_linear_in_steps_or_time_whichever_ends_first():
+    assert lr_scale(0, 100, 0.0, None) == 1.0
+    assert lr_scale(25, 100, 0.0, None) == 0.75
+    assert lr_scale(25, 100, 30.0, 60.0) == 0.5  # half the time budget spent, a quarter of the steps
+    assert lr_scale(80, 100, 30.0, 60.0) == pytest.approx(0.2)
+    assert lr_scale(100, 100, 99.0, 60.0) == 0.0
+
+
+def test_lr_decay_option_lowers_both_learning_rates(snapshot):
+    trainer = trainer_for(tiny(lr_g=2e-3, lr_d=4e-3))
+    trainer.set_lr_scale(0.25)
+    assert trainer.opt_g.param_groups[0]["lr"] == pytest.approx(5e-4)
+    assert trainer.opt_d.param_groups[0]["lr"] == pytest.approx(1e-3)
+
+    def weights(iterations, lr_decay):
+        params = tiny(iterations=iterations, lr_decay=lr_decay)
+        return list(train_gan(params, snapshot, checkpoint_dir=None, progress=False).generator.state_dict().values())
+
+    # The first step runs at the full rate; the later ones are smaller than without the decay.
+    first = [weights(1, decay) for decay in ("none", "linear")]
+    assert all(torch.equal(a, b) for a, b in zip(*first, strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(weights(4, "none"), weights(4, "linear"), strict=True))
+
+
+def test_palette_option_takes_the_training_frames_colours():
+    params = parse_params({"model": {**TINY_MODEL, "palette_size": 3}, "train": TINY_TRAIN})
+    images = np.zeros((8, 3, 64, 64), np.uint8)
+    images[:, 0, :40] = 255  # red on most pixels, then black, then one green pixel per frame
+    images[:, 1, 63, 63] = 255
+    trainer = GANTrainer(params, images, torch.device("cpu"), precision=None)
+    rgb = ((trainer.G.palette + 1) * 127.5).round().int().tolist()
+    assert rgb == [[255, 0, 0], [0, 0, 0], [0, 255, 0]]
+    assert torch.equal(trainer.ema.model.palette, trainer.G.palette)
+    assert torch.isfinite(trainer.step()).all()
 
 
 def test_spectral_norm_and_leaky_relu_options_train():
@@ -449,7 +486,7 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
 def test_resume_after_sigkill_equals_an_uninterrupted_run(snapshot, tmp_path):
     params = {"seed": 3, "model": TINY_MODEL,
               "train": {**TINY_TRAIN, "iterations": 40, "log_every": 2, "checkpoint_every": 10, "ema_decay": 0.9,
-                        "augment": "color,translation", "loss": "bce"}}
+                        "augment": "color,translation", "loss": "bce", "lr_decay": "linear"}}
     reference, ref_cfg = start_runner(tmp_path, "reference", snapshot.path, params, sleep=0.0)
     killed, cfg = start_runner(tmp_path, "killed", snapshot.path, params, sleep=0.05)
     ckpt = Path(cfg["ckpt"]) / "checkpoint.pt"

@@ -1,0 +1,78 @@
+"""FID of saved generators drawn with no palette and with palettes of several sizes (`model.palette_size`).
+
+Each generator file (a quality-study `*.generator.pt`) draws `--samples` screens from its own seed's noise;
+they are snapped to the study snapshot's commonest colours after the fact and scored against 2,048 training
+frames (what choosing a size may use) and against the holdout (what is reported).
+
+    python benchmarks/palette_sweep.py benchmarks/quality/small-tuned-seed1.generator.pt [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from benchmarks.quality_study import STUDY_SNAPSHOT  # noqa: E402
+from src import fid  # noqa: E402
+from src.data import load_snapshot, to_uint8, write_json_atomic  # noqa: E402
+from src.models import build_models, palette_of, snap_to_palette  # noqa: E402
+from src.params import Params, effective  # noqa: E402
+
+SIZES = (0, 8, 16, 32, 64, 128)
+
+
+@torch.no_grad()
+def draw(generator: torch.nn.Module, count: int, seed: int, palette: torch.Tensor | None, device: str) -> torch.Tensor:
+    noise = torch.randn(count, generator.latent_dim, 1, 1, generator=torch.Generator().manual_seed(seed))
+    out = []
+    for z in noise.split(256):
+        x = generator(z.to(device))
+        out.append(to_uint8(x if palette is None else snap_to_palette(x, palette)).cpu())
+    return torch.cat(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("generators", nargs="+")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--samples", type=int, default=2048)
+    parser.add_argument("--inception-weights", default=None)
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="palette sizes; 0 = none")
+    parser.add_argument("--out", default=None, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+
+    snapshot = load_snapshot(STUDY_SNAPSHOT, verify=False)
+    extractor = fid.InceptionFeatures(fid.resolve_inception_weights(args.inception_weights), device=args.device,
+                                      batch_size=250)
+    ref_train = fid.real_features(extractor, snapshot, "train", count=2048)
+    ref_holdout = fid.real_features(extractor, snapshot, "holdout")
+    palettes = {k: palette_of(snapshot.train_images, k).to(args.device) for k in args.sizes if k}
+    rows = []
+    for path in args.generators:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        params = effective(Params.model_validate(saved["params"]))
+        generator, _ = build_models(params)
+        generator.load_state_dict(saved["state_dict"])
+        generator.to(args.device).eval()
+        generator.palette_size = 0  # raw output: the sweep applies each palette itself
+        for size in args.sizes:
+            features = extractor(draw(generator, args.samples, params.seed, palettes.get(size), args.device),
+                                 desc=f"palette {size}")
+            row = {"generator": Path(path).name, "palette_size": size,
+                   "fid_train": fid.fid_from_features(ref_train, features, args.device),
+                   "fid_holdout": fid.fid_from_features(ref_holdout, features, args.device)}
+            rows.append(row)
+            print(f"{row['generator']:40s} palette {size:3d}: FID vs training frames {row['fid_train']:6.1f}, "
+                  f"vs holdout {row['fid_holdout']:6.1f}", flush=True)
+    if args.out:
+        write_json_atomic(Path(args.out), rows)
+
+
+if __name__ == "__main__":
+    main()
