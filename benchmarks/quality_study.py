@@ -42,8 +42,9 @@ RESULTS_DIR = REPO / "benchmarks" / "quality"
 HOLDOUT_FRAMES = 2100
 
 # Candidates, as overrides of params.yaml. `article` is the article's recipe (params.effective);
-# the others change model width, batch size, learning rates (the tuner's best), EMA, loss,
-# spectral norm and augmentation one group at a time.
+# the others change model width, batch size, learning rates (the tuner's best), EMA, loss, spectral
+# norm, augmentation, conditioning and the palette one group at a time. TEXTBOOK pins every key the
+# others build on, so a recipe keeps its meaning when params.yaml's defaults change.
 TUNED_LR = {"train.lr_g": 2.74e-4, "train.lr_d": 1.42e-3, "train.beta1": 0.064, "train.beta2": 0.909}
 TEXTBOOK = {"train.recipe": "custom", "model.gen_filters": 64, "model.disc_filters": 64, "train.batch_size": 64,
             "train.lr_g": 2e-4, "train.lr_d": 2e-4, "train.beta1": 0.5, "train.beta2": 0.999, "train.loss": "bce",

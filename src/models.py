@@ -19,10 +19,11 @@ Class-conditional on the game (`num_classes` > 0): G takes a one-hot game label 
 D adds a projection term (Miyato & Koyama 2018): the mix of games is set by the labels, not
 left to the generator (measured in benchmarks/RESULTS.md: not better FID at a 10-minute CPU budget).
 Palette output (`palette_size` > 0): Atari screens are drawn from a small palette (in the default
-snapshot the 64 commonest colours cover 99.5% of pixels), so a generator in eval mode, the one that
-draws screens, snaps each pixel to the nearest of the training frames' commonest colours. Training
-sees the raw output: snapping inside the training step too (straight-through gradients) was
-measured slower and no better (benchmarks/RESULTS.md).
+snapshot 97% of pixels are one of the 16 commonest colours), so a generator in eval mode, the one that
+draws screens, snaps each pixel to the nearest of the training frames' commonest colours: this removes
+the coloured high-frequency noise a briefly trained DCGAN paints. Training sees the raw output: snapping
+inside the training step too (straight-through gradients) was measured slower and no better
+(benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

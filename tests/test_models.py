@@ -184,7 +184,7 @@ def test_wgan_gp_critic_has_no_batch_norm_and_options_reach_the_models():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in disc.modules())
     assert any(isinstance(m, nn.LeakyReLU) for m in disc.modules())
     assert kwargs["generator"] == {"latent_dim": 100, "filters": 32, "init": "dcgan", "upsample": "transposed",
-                                   "num_classes": 0}
+                                   "num_classes": 0, "palette_size": 16}
 
 
 def test_nearest_upsampling_generator_has_no_transposed_convs_after_the_first_layer():
@@ -199,7 +199,8 @@ def test_nearest_upsampling_generator_has_no_transposed_convs_after_the_first_la
 
 
 def test_conditional_models_use_the_game_label():
-    params = parse_params({"model": {"latent_dim": 8, "gen_filters": 4, "disc_filters": 4, "conditional": True}})
+    params = parse_params({"model": {"latent_dim": 8, "gen_filters": 4, "disc_filters": 4, "conditional": True,
+                                     "palette_size": 0}})
     assert model_kwargs(params)["generator"]["num_classes"] == len(params.collect.games) == 3
     gen, disc = build_models(params)
     gen.eval()

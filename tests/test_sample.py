@@ -14,7 +14,9 @@ from src.sample import GeneratorFileError, default_model_path, generate_images, 
 from src.data import save_torch_atomic
 from src.train import _cpu_state, generator_payload
 
-PARAMS = parse_params({"model": {"latent_dim": 16, "gen_filters": 8, "disc_filters": 8}, "train": {"init": "dcgan"}})
+# Raw-RGB generators (palette_size 0); the palette has its own test at the end.
+PARAMS = parse_params({"model": {"latent_dim": 16, "gen_filters": 8, "disc_filters": 8, "palette_size": 0},
+                       "train": {"init": "dcgan"}})
 
 
 @pytest.fixture
@@ -82,7 +84,7 @@ def test_cli_writes_a_grid_and_a_folder(generator_file, tmp_path, monkeypatch):
 
 
 def test_conditional_generator_draws_the_mix_or_one_game(tmp_path, monkeypatch):
-    params = parse_params({"model": {"latent_dim": 16, "gen_filters": 8, "conditional": True}})
+    params = parse_params({"model": {"latent_dim": 16, "gen_filters": 8, "conditional": True, "palette_size": 0}})
     torch.manual_seed(0)
     gen = Generator(16, 8, num_classes=3)
     gen.class_freq.copy_(torch.tensor([0.5, 0.25, 0.25]))
