@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.results_md import RESULTS_MD as RESULTS, write_block  # noqa: E402
+from src.params import set_params  # noqa: E402
 
 # The README's "quick preset for a CPU".
 PRESET = {
@@ -44,18 +45,6 @@ PRESET = {
     "evaluate.num_samples": 500,
 }
 MORE_ITERATIONS = 600
-
-
-def set_params(params_file: Path, values: dict[str, object]) -> None:
-    from ruamel.yaml import YAML
-
-    yaml = YAML()
-    data = yaml.load(params_file.read_text())
-    for key, value in values.items():
-        section, name = key.split(".")
-        data[section][name] = value
-    with params_file.open("w") as f:
-        yaml.dump(data, f)
 
 
 def copy_tracked(dest: Path) -> None:

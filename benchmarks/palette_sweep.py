@@ -18,23 +18,14 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from benchmarks.quality_study import STUDY_SNAPSHOT  # noqa: E402
+from benchmarks.quality_study import STUDY_SNAPSHOT, with_overrides  # noqa: E402
 from src import fid  # noqa: E402
-from src.data import load_snapshot, to_uint8, write_json_atomic  # noqa: E402
-from src.models import build_models, palette_of, snap_to_palette  # noqa: E402
+from src.data import load_snapshot, write_json_atomic  # noqa: E402
+from src.models import build_models, palette_of  # noqa: E402
 from src.params import Params, effective  # noqa: E402
+from src.sample import generate_images  # noqa: E402
 
 SIZES = (0, 8, 16, 32, 64, 128)
-
-
-@torch.no_grad()
-def draw(generator: torch.nn.Module, count: int, seed: int, palette: torch.Tensor | None, device: str) -> torch.Tensor:
-    noise = torch.randn(count, generator.latent_dim, 1, 1, generator=torch.Generator().manual_seed(seed))
-    out = []
-    for z in noise.split(256):
-        x = generator(z.to(device))
-        out.append(to_uint8(x if palette is None else snap_to_palette(x, palette)).cpu())
-    return torch.cat(out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,14 +47,18 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for path in args.generators:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        params = effective(Params.model_validate(saved["params"]))
+        # Files from before `model.palette_size` existed hold raw generators: size the palette by the weights.
+        params = effective(with_overrides(Params.model_validate(saved["params"]),
+                                          {"model.palette_size": len(saved["state_dict"].get("palette", ()))}))
         generator, _ = build_models(params)
         generator.load_state_dict(saved["state_dict"])
         generator.to(args.device).eval()
-        generator.palette_size = 0  # raw output: the sweep applies each palette itself
         for size in args.sizes:
-            features = extractor(draw(generator, args.samples, params.seed, palettes.get(size), args.device),
-                                 desc=f"palette {size}")
+            # The generator draws with this palette exactly as one trained with `model.palette_size: size`.
+            generator.palette_size, generator.palette = size, palettes.get(size)
+            images = generate_images(generator, args.samples, latent_dim=params.model.latent_dim, seed=params.seed,
+                                     device=args.device)
+            features = extractor(images, desc=f"palette {size}")
             row = {"generator": Path(path).name, "palette_size": size,
                    "fid_train": fid.fid_from_features(ref_train, features, args.device),
                    "fid_holdout": fid.fid_from_features(ref_holdout, features, args.device)}

@@ -3,6 +3,7 @@
 `load_params()` reads the file, rejects unknown keys, wrong types and impossible values before
 any work starts (one `ParamsError` naming key, value and what is allowed), and returns a frozen
 `Params`. `effective(params)` applies the `train.recipe` preset, so what runs is what is logged.
+`set_params()` writes values back into a params.yaml, keeping its comments.
 """
 
 from __future__ import annotations
@@ -331,6 +332,37 @@ def load_params(path: str | os.PathLike | None = None) -> Params:
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path} is not valid YAML: {exc}") from None
     return parse_params(raw, source=str(path))
+
+
+def set_params(path: str | os.PathLike, values: dict[str, Any]) -> None:
+    """Set dotted keys (`{"train.lr_g": 1e-4}`) in a params.yaml, keeping its comments, order and layout.
+
+    The new file is validated before it replaces the old one, atomically: a value the schema refuses
+    raises `ParamsError` and leaves the file as it was.
+    """
+    from ruamel.yaml import YAML
+
+    path = Path(path)
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.width = 4096
+    # ruamel writes None as an empty value; keep params.yaml's explicit `null`s untouched.
+    rt.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
+    data = rt.load(path.read_text())
+    for key, value in values.items():
+        *sections, name = key.split(".")
+        node = data
+        for section in sections:
+            node = node[section]
+        node[name] = value
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as fh:
+            rt.dump(data, fh)
+        load_params(tmp)  # never write a params.yaml that does not validate
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def flatten(params: Params) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from src.errors import UserError, run_cli
-from src.params import TUNED_KEYS, Params, effective, flatten, load_params, params_path
+from src.params import TUNED_KEYS, Params, effective, flatten, load_params, params_path, set_params
 
 BEST_FILE = Path("tune/best_params.json")
 
@@ -209,25 +209,7 @@ def log_plots(study) -> None:
 
 def apply_best(path: Path, best: dict[str, float]) -> None:
     """Set train.<key> for the tuned keys in params.yaml, keeping comments, order and layout."""
-    import os
-
-    from ruamel.yaml import YAML
-
-    yaml = YAML()
-    yaml.preserve_quotes = True
-    yaml.width = 4096
-    # ruamel writes None as an empty value; keep params.yaml's explicit `null`s untouched.
-    yaml.representer.add_representer(
-        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
-    )
-    data = yaml.load(path.read_text())
-    for key, value in best.items():
-        data["train"][key] = float(f"{value:.6g}")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        yaml.dump(data, fh)
-    load_params(tmp)  # never write a params.yaml that does not validate
-    os.replace(tmp, path)
+    set_params(path, {f"train.{key}": float(f"{value:.6g}") for key, value in best.items()})
 
 
 def tune(params: Params, *, n_trials: int, timeout: float | None, study_name: str, storage: str) -> Any:
