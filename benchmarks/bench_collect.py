@@ -41,7 +41,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from src.collect import SPLITS, collect_frames
+from src.collect import collect_frames
+from src.paths import SPLITS
 
 if TYPE_CHECKING:
     from src.params import Params

@@ -68,7 +68,7 @@ def bench_extraction(weights: Path, device: torch.device, count: int, batch_size
 
 def bench_evaluate(device: torch.device, num_samples: int, holdout: int, batch_size: int) -> tuple[float, float, dict]:
     from src.models import Generator, model_kwargs
-    from src.train import generator_payload
+    from src.training import generator_payload
 
     params = parse_params({"evaluate": {"num_samples": num_samples, "batch_size": batch_size,
                                         "kid_subset_size": 1000, "device": device.type}})

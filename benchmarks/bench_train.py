@@ -3,7 +3,7 @@
 (a) The article's loop exactly: live Breakout/AirRaid/Pong-v4 environments stepped by random
     agents through its InputWrapper and iterate_batches (np.mean filter), batch 16, fp32, the
     article's DCGAN with Sigmoid + BCELoss, and a `.item()` host sync every step for its logging.
-(b) Our loop: `src.train.GANTrainer.step` (the step `train_gan` runs) on a frozen snapshot copied
+(b) Our loop: `src.training.trainer.GANTrainer.step` (the step `train_gan` runs) on a frozen snapshot copied
     to the device once, losses read every `--log-every` steps, at the article's model and
     hyper-parameters (custom recipe: batch 64 on CPU, 256 on CUDA; precision auto, channels_last).
 
@@ -41,10 +41,13 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from benchmarks.results_md import machine  # noqa: E402
+from src.atomic import write_bytes_atomic  # noqa: E402
 from src.data import load_snapshot, write_snapshot  # noqa: E402
+from src.device import resolve_device, resolve_precision  # noqa: E402
 from src.models import Discriminator, Generator  # noqa: E402
 from src.params import ARTICLE_TRAIN, parse_params  # noqa: E402
-from src.train import GANTrainer, LossWindow, resolve_device, resolve_precision  # noqa: E402
+from src.training.trainer import GANTrainer  # noqa: E402
+from src.training.window import LossWindow  # noqa: E402
 
 GAMES = ("Breakout-v4", "AirRaid-v4", "Pong-v4")
 ARTICLE_BATCH = 16
@@ -278,9 +281,7 @@ def write_section(markdown: str, path: Path = RESULTS) -> None:
     else:
         section = section.rstrip("\n") + "\n\n" + markdown + "\n"
     text = text[:start] + section.rstrip("\n") + "\n" + ("\n" + text[end:] if end < len(text) else "")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, text.encode())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,7 +20,8 @@ import torch  # noqa: E402
 
 from benchmarks.quality_study import STUDY_SNAPSHOT, with_overrides  # noqa: E402
 from src import fid  # noqa: E402
-from src.data import load_snapshot, write_json_atomic  # noqa: E402
+from src.atomic import write_json_atomic  # noqa: E402
+from src.data import load_snapshot  # noqa: E402
 from src.models import build_models, palette_of  # noqa: E402
 from src.params import Params, effective  # noqa: E402
 from src.sample import generate_images  # noqa: E402

@@ -1,6 +1,6 @@
 """Quality at equal budget: GAN recipes trained for the same wall-clock time, scored by standard FID.
 
-Every run trains one recipe with `src.train.train_gan` for `--budget-s` seconds of training on
+Every run trains one recipe with `src.training.train_gan` for `--budget-s` seconds of training on
 the study snapshot (params.yaml's `collect` settings with a 2,100-frame holdout), measuring FID
 on `train.fid_samples` images every `--fid-every` steps against training frames and keeping the
 best generator exactly as `dvc repro` does (the FID clock is paused, so it is not part of the
@@ -120,11 +120,12 @@ def study_params(base: Params, recipe: str, seed: int, budget_s: float | None, f
 
 
 def run_one(recipe: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    from src.data import load_snapshot, save_torch_atomic, write_json_atomic
+    from src.atomic import save_torch_atomic, write_json_atomic
+    from src.data import load_snapshot
     from src.evaluate import evaluate_generator, save_grid
     from src.fid import InceptionFeatures, make_fid_fn, resolve_inception_weights
     from src.models import build_models
-    from src.train import train_gan
+    from src.training import train_gan
 
     params = study_params(load_params(), recipe, seed, args.budget_s, args.fid_every, args.fid_samples,
                           args.samples, args.device, args.iterations, args.inception_weights)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from src.atomic import write_bytes_atomic
+
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 
 
@@ -22,9 +24,7 @@ def write_block(tag: str, text: str, new_section: str = "", path: Path = RESULTS
         md = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, md, flags=re.S)
     else:
         md = md.rstrip() + "\n\n" + new_section + block + "\n"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(md)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, md.encode())
 
 
 def machine(device: torch.device | str = "cpu") -> str:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from src.params import AUGMENTS
+from src.params import AUGMENTS, parse_policy
 
 
 def _uniform(x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
@@ -76,14 +76,6 @@ AUGMENT_FNS: dict[str, list[Callable[..., torch.Tensor]]] = {
     "cutout": [rand_cutout],
 }
 assert set(AUGMENT_FNS) == set(AUGMENTS)
-
-
-def parse_policy(policy: str) -> tuple[str, ...]:
-    names = tuple(p.strip() for p in policy.split(",") if p.strip())
-    bad = [n for n in names if n not in AUGMENT_FNS]
-    if bad:
-        raise ValueError(f"unknown augmentation {bad[0]!r}; allowed: {', '.join(AUGMENTS)}")
-    return names
 
 
 def diff_augment(x: torch.Tensor, policy: str | tuple[str, ...], gen: torch.Generator | None = None) -> torch.Tensor:

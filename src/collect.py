@@ -42,12 +42,13 @@ import numpy as np
 
 # Spawned workers import this module: torch (pulled in by src.data) and pydantic (src.params)
 # stay out of the module level, or every worker would pay for importing them.
+from src.atomic import pid_alive
 from src.errors import UserError, run_cli
+from src.paths import SNAPSHOT_DIR, SPLITS
 
 if TYPE_CHECKING:
     from src.params import Params
 
-SPLITS = ("train", "holdout")
 SIZE = 64
 FRAME_SHAPE = (3, SIZE, SIZE)
 INTERPOLATIONS = {
@@ -154,7 +155,7 @@ def run_shard(task: ShardTask) -> ShardResult:
     hashes: list[bytes] = []
     kept = 0
     env = worker_env(task.split, task.game)
-    # Both seeds are needed for a reproducible rollout (DESIGN.md).
+    # Both seeds are needed for a reproducible rollout: reset(seed) seeds the game, action_space.seed the agent.
     env.reset(seed=task.seed)
     env.action_space.seed(task.seed)
     for _ in range(task.steps):
@@ -313,16 +314,6 @@ def _touch_pages(array: np.ndarray) -> None:
     int(array.reshape(-1)[:: mmap.PAGESIZE].max())  # numpy lets go of the GIL while it reads
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # someone else's process
-    return True
-
-
 def _frame_file(rows: int, scratch: str | os.PathLike | None) -> tuple[str, np.ndarray]:
     """A temporary file for `rows` frames, mapped shared: workers write frames, the parent reads them.
 
@@ -331,7 +322,7 @@ def _frame_file(rows: int, scratch: str | os.PathLike | None) -> tuple[str, np.n
     """
     for old in Path(scratch or tempfile.gettempdir()).glob(".collect-*.frames"):
         pid = old.name.split("-")[1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             old.unlink(missing_ok=True)
     fd, path = tempfile.mkstemp(prefix=f".collect-{os.getpid()}-", suffix=".frames", dir=scratch)
     size = rows * math.prod(FRAME_SHAPE)
@@ -525,11 +516,11 @@ def summary(manifest: dict[str, Any], path: Path) -> str:
 
 
 def main() -> None:
-    from src.data import DEFAULT_DIR, load_snapshot
+    from src.data import load_snapshot
     from src.params import load_params
 
     params = load_params()
-    path = collect_snapshot(params, DEFAULT_DIR)
+    path = collect_snapshot(params, SNAPSHOT_DIR)
     print(summary(load_snapshot(path, verify=False).manifest, path))
 
 

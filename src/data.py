@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from src.atomic import file_sha256, replacing_dir, write_json_atomic
 from src.errors import UserError
+from src.paths import SNAPSHOT_DIR, SPLITS
 
-SPLITS = ("train", "holdout")
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-DEFAULT_DIR = Path("data/snapshot")
 
 
 class SnapshotError(UserError):
@@ -34,65 +33,6 @@ class SnapshotError(UserError):
 
 def array_files() -> list[str]:
     return [f"{split}_{kind}.npy" for split in SPLITS for kind in ("images", "labels")]
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to a temporary sibling, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _remove_dead_temps(out_dir: Path) -> None:
-    """Delete half-written temporary folders left by writers that were killed (their pid is gone)."""
-    for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, owned by someone else
-
-
-def save_torch_atomic(path: Path, payload: Any) -> None:
-    """torch.save to a temporary sibling, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_snapshot(out_dir: Path, arrays: dict[str, np.ndarray], manifest: dict[str, Any]) -> Path:
@@ -105,12 +45,7 @@ def write_snapshot(out_dir: Path, arrays: dict[str, np.ndarray], manifest: dict[
     expected = {name.removesuffix(".npy") for name in array_files()}
     if set(arrays) != expected:
         raise ValueError(f"snapshot arrays must be exactly {sorted(expected)}, got {sorted(arrays)}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_temps(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with replacing_dir(out_dir) as tmp:
         files = {}
         for name, array in arrays.items():
             path = tmp / f"{name}.npy"
@@ -125,16 +60,6 @@ def write_snapshot(out_dir: Path, arrays: dict[str, np.ndarray], manifest: dict[
                 "dtype": str(array.dtype),
             }
         write_json_atomic(tmp / MANIFEST, {**manifest, "format_version": FORMAT_VERSION, "files": files})
-        _fsync_dir(tmp)
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -163,7 +88,7 @@ class Snapshot:
         return tuple(self.train_images.shape[1:])
 
 
-def load_snapshot(path: Path = DEFAULT_DIR, verify: bool = True) -> Snapshot:
+def load_snapshot(path: Path = SNAPSHOT_DIR, verify: bool = True) -> Snapshot:
     """Open a snapshot memory-mapped; with `verify`, check every file's size and sha256 first."""
     path = Path(path)
     fix = "run `dvc repro collect` (or `python -m src.collect`) to rebuild it"
@@ -225,9 +150,6 @@ class DeviceSampler:
 
     def __len__(self) -> int:
         return len(self.images)
-
-    def sample(self, batch_size: int) -> torch.Tensor:
-        return self.sample_labelled(batch_size)[0]
 
     def sample_labelled(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A batch and its game labels (None when the sampler holds no labels); one random draw."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import pickle
 import warnings
 from pathlib import Path
@@ -23,16 +22,16 @@ import torch
 from torch import nn
 
 from src import fid
-from src.data import Snapshot, load_snapshot, write_json_atomic
+from src.atomic import replacing, write_json_atomic
+from src.data import Snapshot, load_snapshot
 from src.device import resolve_device
 from src.errors import UserError, run_cli
 from src.params import Params, load_params
+from src.paths import MODELS_DIR, SNAPSHOT_DIR, TRAIN_PLOTS_DIR
 
-SNAPSHOT_DIR = Path("data/snapshot")
-MODELS_DIR = Path("models")
 METRICS_FILE = Path("metrics/eval.json")
 GRID_FILE = Path("plots/eval/grid.png")
-TRAIN_FID_CSV = Path("plots/train/fid.csv")
+TRAIN_FID_CSV = TRAIN_PLOTS_DIR / "fid.csv"
 RUN_FILE = "run.json"
 # Which generator is judged, in order of preference.
 GENERATOR_FILES = ("generator_best.pt", "generator_ema.pt", "generator.pt")
@@ -99,8 +98,6 @@ def evaluate_generator(generator: nn.Module, snapshot: Snapshot, extractor: fid.
     Returns the metrics and the generated uint8 images. The real sides come from the FID cache.
     """
     check_sample_counts(num_samples, snapshot)
-    probe = generate(generator, 2, latent_dim=latent_dim, seed=seed, device=extractor.device, batch_size=2)
-    fid.check_images(probe, "generated images", shape=snapshot.image_shape)
     fake = generate(generator, num_samples, latent_dim=latent_dim, seed=seed, device=extractor.device,
                     batch_size=batch_size)
     fid.check_images(fake, "generated images", shape=snapshot.image_shape)
@@ -166,13 +163,8 @@ def save_grid(fake: torch.Tensor, real: np.ndarray | torch.Tensor, path: Path, c
     pad = lambda g: torch.nn.functional.pad(g, (0, 0, 0, height - g.shape[1]), value=1.0)  # noqa: E731
     gap = torch.ones(3, height, 12)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with replacing(path) as tmp:
         save_image(torch.cat([pad(left), gap, pad(right)], dim=2), tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -188,7 +180,7 @@ def log_to_mlflow(metrics: dict, grid: Path, run_file: Path) -> str:
     if Path(run_file).is_file():
         try:
             recorded = json.loads(Path(run_file).read_text())
-            run_id = recorded.get("mlflow_run_id") or recorded.get("run_id")  # src.train writes mlflow_run_id
+            run_id = recorded.get("mlflow_run_id")
         except (ValueError, AttributeError):
             run_id = None
     run = None

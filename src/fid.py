@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from src.data import file_sha256, save_torch_atomic
+from src.atomic import file_sha256, save_torch_atomic
 from src.errors import UserError
 
 if TYPE_CHECKING:
@@ -355,15 +355,12 @@ def make_fid_fn(snapshot: Snapshot, params: Params, device: str | torch.device,
     count = params.train.fid_samples
 
     def fid_fn(step: int, generator: nn.Module) -> float:
+        from src.models import eval_mode
         from src.sample import generate_images
 
-        was_training = generator.training
-        try:
-            generator.eval()
+        with eval_mode(generator):
             fake = generate_images(generator, count, latent_dim=params.model.latent_dim, seed=params.seed,
                                    device=device, batch_size=params.evaluate.batch_size)
-        finally:
-            generator.train(was_training)
         check_images(fake, f"generated images at step {step}", shape=snapshot.image_shape)
         mu, sigma = feature_stats(extractor(fake, desc=f"FID at step {step}"), device)
         return frechet_distance(mu_real, sigma_real, mu, sigma, sqrt_sigma1=sqrt_sigma_real)

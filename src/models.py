@@ -28,6 +28,9 @@ inside the training step too (straight-through gradients) was measured slower an
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from torch import nn
@@ -227,3 +230,19 @@ def build_models(params: Params) -> tuple[Generator, Discriminator]:
     discriminator = Discriminator(**kwargs["discriminator"])
     generator = Generator(**kwargs["generator"])
     return generator, discriminator
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """`module` in eval mode inside the block, back in the mode it had after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of `module`'s state dict, contiguous (what files and checkpoints keep)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}

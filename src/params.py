@@ -18,12 +18,22 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from src.atomic import replacing
 from src.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = "params.yaml"
 IMAGE_SHAPE = (3, 64, 64)  # channels first, as the article's wrapper produces
 AUGMENTS = ("color", "translation", "cutout")
+
+
+def parse_policy(policy: str) -> tuple[str, ...]:
+    """`"color, cutout"` -> ("color", "cutout"); an unknown name is a ValueError naming the allowed ones."""
+    names = tuple(p.strip() for p in policy.split(",") if p.strip())
+    bad = [n for n in names if n not in AUGMENTS]
+    if bad:
+        raise ValueError(f"unknown augmentation {bad[0]!r}; allowed: {', '.join(AUGMENTS)} (comma-separated)")
+    return names
 
 
 class ParamsError(UserError):
@@ -141,11 +151,7 @@ class TrainParams(_Section):
     @field_validator("augment")
     @classmethod
     def _augment(cls, augment: str) -> str:
-        parts = [p.strip() for p in augment.split(",") if p.strip()]
-        bad = [p for p in parts if p not in AUGMENTS]
-        if bad:
-            raise ValueError(f"unknown augmentation {bad[0]!r}; allowed: {', '.join(AUGMENTS)} (comma-separated)")
-        return ",".join(parts)
+        return ",".join(parse_policy(augment))
 
 
 class EvaluateParams(_Section):
@@ -355,14 +361,10 @@ def set_params(path: str | os.PathLike, values: dict[str, Any]) -> None:
         for section in sections:
             node = node[section]
         node[name] = value
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with replacing(path) as tmp:
         with open(tmp, "w") as fh:
             rt.dump(data, fh)
         load_params(tmp)  # never write a params.yaml that does not validate
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def flatten(params: Params) -> dict[str, Any]:

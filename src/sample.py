@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from src.atomic import replacing, replacing_dir
 from src.data import to_uint8
 from src.device import resolve_device
 from src.errors import UserError, run_cli
 from src.models import Generator, mix_labels
 from src.params import IMAGE_SHAPE
-
-MODELS_DIR = Path("models")
+from src.paths import MODELS_DIR
 
 
 class GeneratorFileError(UserError):
@@ -116,32 +115,18 @@ def write_grid(images: torch.Tensor, out: Path, nrow: int = 8) -> Path:
     from torchvision.utils import make_grid
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}.png")
-    write_png(make_grid(images, nrow=nrow, padding=2), tmp)
-    os.replace(tmp, out)
+    with replacing(out, suffix=".png") as tmp:
+        write_png(make_grid(images, nrow=nrow, padding=2), tmp)
     return out
 
 
 def write_folder(images: torch.Tensor, out: Path) -> Path:
     """One PNG per image (0000.png, ...) in folder `out`, which is replaced as a whole."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with replacing_dir(out) as tmp:
         width = max(4, len(str(len(images) - 1)))
         for i, image in enumerate(images):
             write_png(image, tmp / f"{i:0{width}d}.png")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -105,7 +105,7 @@ def run_trial(trial, params: Params, snapshot, device) -> float:
     import optuna
 
     from src.fid import make_fid_fn
-    from src.train import train_gan
+    from src.training import train_gan
 
     values = suggest(trial, params.tune.space)
     run_params = trial_params(params, values)
@@ -217,7 +217,8 @@ def tune(params: Params, *, n_trials: int, timeout: float | None, study_name: st
     import optuna
 
     from src import tracking
-    from src.data import load_snapshot, write_json_atomic
+    from src.atomic import write_json_atomic
+    from src.data import load_snapshot
     from src.device import resolve_device
 
     snapshot = load_snapshot()

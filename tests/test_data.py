@@ -249,7 +249,7 @@ def sampler_images() -> np.ndarray:
 def test_device_sampler_range_and_shape():
     sampler = DeviceSampler(sampler_images(), "cpu", seed=0)
     assert len(sampler) == 40
-    batches = torch.cat([sampler.sample(16) for _ in range(20)])
+    batches = torch.cat([sampler.sample_labelled(16)[0] for _ in range(20)])
     assert batches.shape == (320, 3, 64, 64) and batches.dtype == torch.float32
     assert batches.min().item() == -1.0 and batches.max().item() == 1.0
 
@@ -257,11 +257,11 @@ def test_device_sampler_range_and_shape():
 def test_device_sampler_is_deterministic_and_resumable():
     images = sampler_images()
     a, b, c = (DeviceSampler(images, "cpu", seed=s) for s in (5, 5, 6))
-    first = [a.sample(8) for _ in range(3)]
-    assert all(torch.equal(x, b.sample(8)) for x in first)
-    assert not torch.equal(first[0], c.sample(8))
+    first = [a.sample_labelled(8)[0] for _ in range(3)]
+    assert all(torch.equal(x, b.sample_labelled(8)[0]) for x in first)
+    assert not torch.equal(first[0], c.sample_labelled(8)[0])
     state = a.state_dict()
-    expected = [a.sample(8) for _ in range(3)]
+    expected = [a.sample_labelled(8)[0] for _ in range(3)]
     resumed = DeviceSampler(images, "cpu", seed=123)
     resumed.load_state_dict(state)
-    assert all(torch.equal(x, resumed.sample(8)) for x in expected)
+    assert all(torch.equal(x, resumed.sample_labelled(8)[0]) for x in expected)

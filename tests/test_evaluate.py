@@ -20,37 +20,22 @@ import yaml
 
 import src.evaluate as ev
 import src.fid as fid
-from src.data import SnapshotError, file_sha256, load_snapshot, write_snapshot
+from src.atomic import file_sha256
+from src.data import SnapshotError, load_snapshot
 from src.params import REPO_ROOT, ParamsError, parse_params
 
 TINY = {"seed": 0, "model": {"latent_dim": 16, "gen_filters": 8, "disc_filters": 8},
         "evaluate": {"num_samples": 10, "batch_size": 16, "kid_subset_size": 1000, "device": "cpu"}}
 
 
-def hub_weights_or_fail() -> Path:
-    path = fid.hub_weights_path()
-    if not path.is_file():
-        pytest.fail(f"InceptionV3 weights are missing at {path}: run `python -m src.inception_weights` "
-                    "before the tests (CI does)")
-    return path
-
-
 def tiny_params(**evaluate) -> dict:
     return {**TINY, "evaluate": {**TINY["evaluate"], **evaluate}}
-
-
-def make_snapshot(path: Path, n_train: int = 12, n_holdout: int = 10, size: int = 64, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    frames = lambda n: rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8)  # noqa: E731
-    arrays = {"train_images": frames(n_train), "train_labels": np.zeros(n_train, np.uint8),
-              "holdout_images": frames(n_holdout), "holdout_labels": np.zeros(n_holdout, np.uint8)}
-    return write_snapshot(path, arrays, {"games": ["Breakout-v4"]})
 
 
 def write_generator(models: Path, name: str = "generator.pt", seed: int = 0) -> Path:
     """A generator file exactly as `src.train` writes it."""
     from src.models import Generator, model_kwargs
-    from src.train import generator_payload
+    from src.training import generator_payload
 
     params = parse_params(TINY)
     torch.manual_seed(seed)
@@ -61,8 +46,8 @@ def write_generator(models: Path, name: str = "generator.pt", seed: int = 0) -> 
 
 
 @pytest.fixture
-def workdir(tmp_path) -> Path:
-    make_snapshot(tmp_path / "data" / "snapshot")
+def workdir(tmp_path, make_snapshot) -> Path:
+    make_snapshot(tmp_path / "data" / "snapshot", 12, 10, games=("Breakout-v4",))
     write_generator(tmp_path / "models")
     return tmp_path
 
@@ -92,8 +77,7 @@ def test_best_training_fid_from_csv(tmp_path):
     assert ev.best_training_fid(csv_file) == {"best_train_step": 1000, "best_train_fid": 250.25}
 
 
-def test_evaluate_writes_metrics_and_grid(workdir):
-    weights = hub_weights_or_fail()
+def test_evaluate_writes_metrics_and_grid(workdir, hub_weights):
     write_generator(workdir / "models", "generator_ema.pt", seed=1)
     (workdir / "plots" / "train").mkdir(parents=True)
     (workdir / "plots" / "train" / "fid.csv").write_text("step,fid\n100,300.0\n200,280.5\n")
@@ -108,7 +92,7 @@ def test_evaluate_writes_metrics_and_grid(workdir):
     assert written["num_generated"] == 10 and written["num_real"] == 10 and written["num_train_for_floor"] == 10
     assert written["biased_sample_size"] is True
     assert written["kid_subset_size"] == 10  # clamped from 1000 and recorded
-    assert written["weights_sha256"] == file_sha256(weights)
+    assert written["weights_sha256"] == file_sha256(hub_weights)
     assert written["snapshot_sha256"] == load_snapshot(workdir / "data" / "snapshot").sha256
     assert written["best_train_step"] == 200 and written["best_train_fid"] == 280.5
     for key in ("fid", "kid_mean", "kid_std", "fid_holdout_vs_train"):
@@ -134,17 +118,15 @@ def test_missing_model(workdir):
     assert not (workdir / "metrics" / "eval.json").exists()
 
 
-def test_unreadable_model(workdir):
-    hub_weights_or_fail()
+def test_unreadable_model(workdir, hub_weights):
     (workdir / "models" / "generator.pt").write_bytes(b"half a checkpoint")
     with pytest.raises(ev.UserError, match="generator.pt is not"):
         run(workdir, tiny_params())
     assert not (workdir / "metrics" / "eval.json").exists()
 
 
-def test_mismatched_image_shape(workdir):
-    hub_weights_or_fail()
-    make_snapshot(workdir / "data" / "snapshot", size=32)  # 32x32 frames, a 64x64 generator
+def test_mismatched_image_shape(workdir, hub_weights, make_snapshot):
+    make_snapshot(workdir / "data" / "snapshot", 12, 10, size=32)  # 32x32 frames, a 64x64 generator
     with pytest.raises(fid.FIDInputError, match=r"\(3, 64, 64\) but the real frames are \(3, 32, 32\)"):
         run(workdir, tiny_params())
     assert not (workdir / "metrics" / "eval.json").exists()
@@ -160,13 +142,13 @@ def test_missing_or_unreadable_weights(workdir):
     assert not (workdir / "metrics" / "eval.json").exists()
 
 
-def test_too_few_samples(workdir):
+def test_too_few_samples(workdir, make_snapshot):
     with pytest.raises(ParamsError, match="evaluate.num_samples"):
         parse_params(tiny_params(num_samples=1))
     snapshot = load_snapshot(workdir / "data" / "snapshot")
     with pytest.raises(ev.EvaluateError, match="at least 2"):
         ev.check_sample_counts(1, snapshot)
-    make_snapshot(workdir / "data" / "snapshot", n_holdout=1)
+    make_snapshot(workdir / "data" / "snapshot", 12, 1)
     with pytest.raises(ev.EvaluateError, match="holdout split has 1 frame.*collect.holdout_frames"):
         run(workdir, tiny_params())
     assert not (workdir / "metrics" / "eval.json").exists()
@@ -186,8 +168,7 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
 
 
-def test_cli_end_to_end_logs_into_the_training_run_and_reuses_the_cache(workdir, monkeypatch):
-    hub_weights_or_fail()
+def test_cli_end_to_end_logs_into_the_training_run_and_reuses_the_cache(workdir, hub_weights, monkeypatch):
     import mlflow
 
     from src.tracking import setup

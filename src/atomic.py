@@ -1,0 +1,132 @@
+"""Files and folders written whole or not at all, and the digest that checks a file.
+
+Every writer here writes a temporary sibling (`.<name>.tmp-<pid>`), fsyncs it and renames it over
+the target, so a reader never sees half a file and a crash never replaces a good one. The pid in
+the name lets a later run delete the temporaries of a writer that was killed (`remove_dead_temps`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (a process of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, owned by someone else
+    return True
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's fsync makes the renames inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def replacing(path: Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to write; on success it is fsynced and renamed over `path`.
+
+    `suffix` ends the temporary name (e.g. ".png" for writers that pick a format by extension).
+    On failure the temporary is deleted and `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stem = path.stem if suffix else path.name
+    tmp = path.with_name(f".{stem}.tmp-{os.getpid()}{suffix}")
+    try:
+        yield tmp
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with replacing(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """JSON, indented with sorted keys and a final newline."""
+    write_bytes_atomic(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_csv_atomic(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
+    """`rows` as CSV with a header of `fields` (other keys of a row are left out)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_bytes_atomic(path, out.getvalue().encode())
+
+
+def save_torch_atomic(path: Path, payload: Any) -> None:
+    import torch
+
+    with replacing(path) as tmp, open(tmp, "wb") as fh:
+        # A file object, not a name: torch names the archive inside after the file, here a temporary.
+        torch.save(payload, fh)
+
+
+def remove_dead_temps(out: Path) -> None:
+    """Delete temporary siblings of `out` left by writers that were killed (their pid is gone)."""
+    out = Path(out)
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def replacing_dir(out: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder; on success it replaces folder `out` as a whole.
+
+    The previous folder is removed only after the new one is in place; on failure the temporary
+    folder is deleted and `out` is left as it was. Temporaries of killed writers are removed first.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temps(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_path(tmp)
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        _fsync_path(out.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,74 @@
+"""When training stops: the clock of training seconds, the lr schedule it drives, and stop signals.
+
+Stop requests (signals, time budget) are agreed on by all ranks at the next sync point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag the loop reads between steps; a second signal stops at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s received: stopping after this step and writing a checkpoint", signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def installed(self, enabled: bool) -> Iterator[StopRequest]:
+        if not enabled or threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in old:
+            signal.signal(s, self._handler)
+        try:
+            yield self
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+
+class Clock:
+    """Training seconds: wall time since start plus earlier sessions, minus paused work."""
+
+    def __init__(self, before: float):
+        self.before = before
+        self.start = time.perf_counter()
+        self.paused = 0.0
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.start - self.paused
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - t0
+
+
+def lr_scale(step: int, iterations: int, elapsed_s: float, budget_s: float | None) -> float:
+    """Linear decay: 1 at the start, 0 at whichever end comes first, the iteration count or the time budget.
+
+    Under a time budget the schedule follows the clock, so a slower machine decays over fewer steps.
+    """
+    done = step / iterations
+    if budget_s is not None:
+        done = max(done, elapsed_s / budget_s)
+    return max(0.0, 1.0 - done)
