@@ -150,15 +150,20 @@ def load_study(params: Params, study_name: str, storage: str, *, create: bool = 
     """The study, created when missing (its creator, and only it, enqueues the params.yaml baseline)."""
     import optuna
 
+    from sqlalchemy.engine import make_url
+
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # this module prints each event once itself
+    missing = f"no study named {study_name!r} in {storage_url(storage).split('@')[-1]}; run `python -m src.tune` " \
+              "first (or pass --study-name/--storage of an existing one)"
+    if not create and storage.startswith("sqlite:///") and not Path(make_url(storage).database or "").is_file():
+        raise TuneError(missing)  # opening it would create an empty database file
     rdb = make_storage(storage)
     kwargs = {"sampler": make_sampler(params.seed),
               "pruner": make_pruner(params.tune.pruner, params.tune.report_every, params.tune.iterations)}
     with contextlib.suppress(KeyError):
         return optuna.load_study(study_name=study_name, storage=rdb, **kwargs)
     if not create:
-        raise TuneError(f"no study named {study_name!r} in {storage_url(storage).split('@')[-1]}; "
-                        "run `python -m src.tune` first (or pass --study-name/--storage of an existing one)")
+        raise TuneError(missing)
     try:
         study = optuna.create_study(study_name=study_name, storage=rdb, direction="minimize", **kwargs)
     except optuna.exceptions.DuplicatedStudyError:  # another worker created it a moment ago

@@ -177,3 +177,5 @@ def test_bad_input_gives_one_clear_error_and_loses_nothing(tiny_project, name, s
     assert not changed, f"{name}: files written before were changed or removed: {changed}"
     if setup == OUTSIDE:
         assert list(cwd.iterdir()) == [], "nothing may be written where no project is"
+    if stage == "tune":
+        assert not (tiny_project / "optuna.db").exists(), "a configuration error must not create or touch a study"

@@ -136,3 +136,32 @@ def test_bad_command_line_values_are_clear_errors(workdir, capsys):
         tune.parse_args(["--n-trials", "0"])
     assert exit_info.value.code == 2
     assert "--n-trials must be a positive integer" in capsys.readouterr().err
+
+
+def test_a_failed_baseline_is_run_again_and_apply_alone_runs_no_trial(workdir, monkeypatch, capsys):
+    import src.train
+
+    real_train = src.train.train_gan
+    calls = {"n": 0}
+
+    def first_fails(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise src.train.NonFiniteLossError("loss became non-finite at iteration 3")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(src.train, "train_gan", first_fails)
+    storage = f"sqlite:///{workdir / 'optuna.db'}"
+    tune.main(["--params", "tiny.yaml", "--storage", storage, "--n-trials", "2"])
+    study = optuna.load_study(study_name="atari-gan", storage=storage)
+    baseline = [(t.number, t.state.name) for t in study.trials if t.user_attrs.get(tune.BASELINE_ATTR)]
+    assert baseline == [(0, "FAIL"), (1, "COMPLETE")]  # put back in the queue until it completes
+    assert study.trials[1].params == tune.baseline_values(load_params(workdir / "tiny.yaml"))
+    out = capsys.readouterr().out
+    assert out.count("created study") == 1 and "NonFiniteLossError" in out
+
+    tune.main(["--params", "tiny.yaml", "--storage", storage, "--apply"])
+    assert len(optuna.load_study(study_name="atari-gan", storage=storage).trials) == 2  # no new trial
+    train = load_params(workdir / "tiny.yaml").train
+    assert {k: getattr(train, k) for k in study.best_params} == {
+        k: float(f"{v:.6g}") for k, v in study.best_params.items()}
