@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,12 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
         raise GeneratorFileError(f"no generator at {path}; {fix}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own text here suggests weights_only=False, which would let the file run code.
+        reason = "not a torch file of tensors and plain data"
+        raise GeneratorFileError(f"{path} is not a readable generator file ({reason}); {fix}") from None
     except Exception as exc:
-        reason = f"{type(exc).__name__}: {exc}"
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
         raise GeneratorFileError(f"{path} is not a readable generator file ({reason}); {fix}") from None
     if not isinstance(payload, dict) or payload.get("kind") != "generator" or "state_dict" not in payload:
         raise GeneratorFileError(f"{path} is not a generator written by src.train; {fix}")

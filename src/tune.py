@@ -417,8 +417,8 @@ def tune(params: Params, *, n_trials: int, timeout: float | None, study_name: st
     from src.device import resolve_device
     from src.fid import make_fid_fn
 
-    check_config(params, storage)
     snapshot = load_snapshot()
+    check_config(params, storage)
     # One FID function for every trial: the Inception model and the real statistics load once.
     fid_of = make_fid_fn(snapshot, trial_params(params, {}), resolve_device(params.train.device))
     study = load_study(params, study_name, storage)
@@ -458,8 +458,8 @@ def apply_study_best(study, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    params = load_params(args.params)
     path = args.params or params_path()
-    params = load_params(path)
     study_name = args.study_name or params.tune.study_name
     storage = args.storage or params.tune.storage or default_storage()
     if args.apply and args.n_trials is None:  # --apply alone: use the study as it is

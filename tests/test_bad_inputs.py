@@ -99,9 +99,9 @@ ROWS = [
     ("corrupt-snapshot", "train", [], {}, corrupt_snapshot, "does not match its sha256"),
     ("cuda-without-gpu", "train", [], {"train.device": "cuda"}, None, "CUDA is not available here", NO_GPU),
     ("no-generator", "evaluate", [], {}, None, "no generator in models/"),
-    ("weights-path-missing", "evaluate", [], {"evaluate.inception_weights": "nowhere.pth"}, None,
-     "evaluate.inception_weights = 'nowhere.pth': no such file"),
+    ("kid-subset-one", "evaluate", [], {"evaluate.kid_subset_size": 1}, None, "evaluate.kid_subset_size = 1"),
     # tune: configuration errors stop it before any trial
+    ("tune-no-snapshot", "tune", [], {}, no_snapshot, "no snapshot at data/snapshot"),
     ("tune-article", "tune", [], {"train.recipe": "article"}, None, "set train.recipe: custom to tune them"),
     ("tune-weights-missing", "tune", [], {"evaluate.inception_weights": "nowhere.pth"}, None,
      "evaluate.inception_weights = 'nowhere.pth': no such file"),
