@@ -70,6 +70,8 @@ def test_study_runs_three_trials_and_a_rerun_continues_to_six(workdir):
     got = states(storage)
     assert len(got) == 6
     assert set(got) <= {"COMPLETE", "PRUNED"} and "COMPLETE" in got
+    proposed = [tuple(sorted(t.params.items())) for t in optuna.load_study(study_name="atari-gan", storage=storage).trials]
+    assert len(set(proposed)) == 6, f"the rerun repeated earlier trials: {proposed}"
 
     import mlflow
 
