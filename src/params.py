@@ -63,13 +63,14 @@ def ale_game_ids() -> tuple[str, ...]:
     return tuple(sorted(k for k, spec in gym.registry.items() if "ale_py" in str(spec.entry_point)))
 
 
-def _check_device(device: str) -> str:
+def check_device(device: str) -> str:
+    """`auto | cpu | cuda | cuda:N`, else a ValueError listing them (params keys and --device flags)."""
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise ValueError(f"unknown device {device!r}; allowed: auto, cpu, cuda, cuda:N")
     return device
 
 
-DeviceName = Annotated[str, AfterValidator(_check_device)]
+DeviceName = Annotated[str, AfterValidator(check_device)]
 
 
 class CollectParams(_Section):
@@ -324,17 +325,28 @@ def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
 
 
 def params_path() -> Path:
-    """params.yaml in the working directory (where DVC runs stages), else at the repo root."""
-    local = Path.cwd() / PARAMS_FILE
-    return local if local.exists() else REPO_ROOT / PARAMS_FILE
+    """params.yaml in the working directory: stages run from a project folder (DVC runs them there).
+
+    Never the installed package's own copy: a stage started elsewhere would read those params and
+    write its outputs next to them.
+    """
+    return Path.cwd() / PARAMS_FILE
 
 
 def load_params(path: str | os.PathLike | None = None) -> Params:
-    path = Path(path) if path else params_path()
+    given = path is not None
+    path = Path(path) if given else params_path()
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
+        if not given:
+            raise ParamsError(
+                f"found no {PARAMS_FILE} here ({path.parent}); run the stage from a project folder "
+                f"(the one holding dvc.yaml and {PARAMS_FILE}), or pass the path to a {PARAMS_FILE}"
+            ) from None
         raise ParamsError(f"{path} not found; run from the repo root or pass the path to params.yaml") from None
+    except IsADirectoryError:
+        raise ParamsError(f"{path} is a folder, not a params file; pass the path to a {PARAMS_FILE}") from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path} is not valid YAML: {exc}") from None
     return parse_params(raw, source=str(path))

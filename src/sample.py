@@ -3,7 +3,8 @@
 `python -m src.sample --n 64 --out samples.png --grid` writes one grid image;
 `python -m src.sample --n 500 --out samples/` writes a folder of PNGs (0000.png, ...).
 `--game Pong-v4` draws one game (generators trained with `model.conditional: true`).
-`--model` defaults to `models/generator_ema.pt` when it exists, else `models/generator.pt`.
+`--model` defaults to the generator `evaluate` scores (best step, else EMA, else last), and the
+command says which file it drew from.
 The same seed gives the same images on any device and at any batch size: the noise is drawn
 on the CPU, once, from the seed.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ from src.data import to_uint8
 from src.device import resolve_device
 from src.errors import UserError, run_cli
 from src.models import Generator, mix_labels
-from src.params import IMAGE_SHAPE
+from src.params import IMAGE_SHAPE, check_device
 from src.paths import MODELS_DIR
 
 
@@ -32,9 +35,10 @@ class GeneratorFileError(UserError):
 
 
 def default_model_path(models_dir: Path = MODELS_DIR) -> Path:
-    """The evaluation generator written by `train`: the EMA copy when there is one."""
-    ema = Path(models_dir) / "generator_ema.pt"
-    return ema if ema.is_file() else Path(models_dir) / "generator.pt"
+    """The generator `evaluate` scores, so samples show what the metrics measured."""
+    from src.evaluate import pick_generator
+
+    return pick_generator(Path(models_dir))
 
 
 def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -45,8 +49,12 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
         raise GeneratorFileError(f"no generator at {path}; {fix}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own text here suggests weights_only=False, which would let the file run code.
+        reason = "not a torch file of tensors and plain data"
+        raise GeneratorFileError(f"{path} is not a readable generator file ({reason}); {fix}") from None
     except Exception as exc:
-        reason = f"{type(exc).__name__}: {exc}"
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
         raise GeneratorFileError(f"{path} is not a readable generator file ({reason}); {fix}") from None
     if not isinstance(payload, dict) or payload.get("kind") != "generator" or "state_dict" not in payload:
         raise GeneratorFileError(f"{path} is not a generator written by src.train; {fix}")
@@ -136,12 +144,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="a .png file with --grid, else a folder")
     parser.add_argument("--grid", action="store_true", help="write one grid image instead of a folder")
     parser.add_argument("--nrow", type=int, default=8, help="images per grid row (default 8)")
-    parser.add_argument("--model", type=Path, default=None, help="generator file (default: the EMA one if present)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="generator file (default: the one `evaluate` scores: best, else EMA, else last)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--game", default=None, help="only this game, e.g. Pong-v4 (class-conditional generators)")
     return parser.parse_args(argv)
+
+
+def check_out(out: Path) -> None:
+    """Refuse an --out that cannot be written before any work: under a file, or in a read-only place."""
+    out = Path(out)
+    if out.exists() and not os.access(out, os.W_OK):
+        raise UserError(f"--out {out}: not writable (permission denied); choose another --out")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: cannot write in {parent} (permission denied); choose another --out")
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -150,13 +173,22 @@ def main(argv: list[str] | None = None) -> Path:
         raise UserError("--n, --batch-size and --nrow must be at least 1")
     if not args.grid and args.out.suffix.lower() == ".png":
         raise UserError(f"--out {args.out} looks like a file: add --grid for one grid image, or give a folder")
+    try:
+        check_device(args.device)
+    except ValueError as exc:
+        raise UserError(f"--device: {exc}") from None
+    check_out(args.out)
     device = resolve_device(args.device, key="--device")
-    generator, meta = load_generator(args.model or default_model_path(), device)
+    model = args.model or default_model_path()
+    generator, meta = load_generator(model, device)
     game = None if args.game is None else game_index(meta, args.game)
     images = generate_images(generator, args.n, latent_dim=meta["latent_dim"], seed=args.seed, device=device,
                              batch_size=args.batch_size, game=game)
-    out = write_grid(images, args.out, args.nrow) if args.grid else write_folder(images, args.out)
-    print(f"wrote {args.n} images to {out}")
+    try:
+        out = write_grid(images, args.out, args.nrow) if args.grid else write_folder(images, args.out)
+    except OSError as exc:  # e.g. a read-only file system, a full disk
+        raise UserError(f"--out {args.out}: could not write ({exc.strerror or exc}); choose another --out") from None
+    print(f"wrote {args.n} images from {model} to {out}")
     return out
 
 

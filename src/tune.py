@@ -4,16 +4,20 @@ Each trial trains the current recipe for `tune.iterations` steps on the snapshot
 `train.lr_g`, `train.lr_d`, `train.beta1`, `train.beta2`, reports FID (cached real statistics)
 every `tune.report_every` steps so the pruner can stop hopeless trials, and is tracked as a
 nested MLflow run under one parent run per invocation. The study lives in an Optuna storage
-(SQLite at the repo root by default), so rerunning continues it and several workers can share
-it. `--apply` writes the best values into params.yaml, keeping its comments and layout.
+(SQLite at the repo root by default, or a shared PostgreSQL database), so rerunning continues it
+and many workers on many machines can share it. Configuration problems stop the command before
+any trial; `--apply` writes the best values into params.yaml, keeping its comments and layout.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import tempfile
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,8 @@ from src.errors import UserError, run_cli
 from src.params import TUNED_KEYS, Params, effective, flatten, load_params, params_path, set_params
 
 BEST_FILE = Path("tune/best_params.json")
+BASELINE_ATTR = "baseline"  # user attribute marking the trial that runs the params.yaml values
+STORAGE_EXAMPLES = "sqlite:///optuna.db or postgresql://user:password@host:5432/dbname"
 
 
 class TuneError(UserError):
@@ -33,23 +39,93 @@ def default_storage() -> str:
     return f"sqlite:///{repo_root() / 'optuna.db'}"
 
 
-def make_storage(url: str, attempts: int = 5):
-    """An Optuna storage; SQLite waits for locks so several worker processes can share one file."""
-    import time
+def storage_url(url: str) -> str:
+    """`postgresql://` means psycopg 3 (the driver the project installs), not SQLAlchemy's psycopg2."""
+    return "postgresql+psycopg://" + url.removeprefix("postgresql://") if url.startswith("postgresql://") else url
 
+
+def make_storage(url: str, attempts: int = 5):
+    """An Optuna RDB storage for `url`, or a TuneError saying what is wrong with it and how to fix it.
+
+    SQLite waits for locks, and workers that race to create the same new database retry.
+    """
     import optuna
     import sqlalchemy.exc
+    from sqlalchemy.engine import make_url
 
-    if not url.startswith("sqlite"):
-        return url
+    url = storage_url(url)
+    try:
+        parsed = make_url(url)
+        shown = parsed.render_as_string(hide_password=True)
+        parsed.get_dialect().import_dbapi()  # the driver, so a missing one is named here
+    except sqlalchemy.exc.NoSuchModuleError:
+        raise TuneError(
+            f"storage {shown}: unknown database kind {parsed.drivername!r}; use {STORAGE_EXAMPLES}"
+        ) from None
+    except sqlalchemy.exc.ArgumentError:
+        raise TuneError(f"storage {url!r} is not a database URL; use {STORAGE_EXAMPLES}") from None
+    except ImportError as exc:
+        raise TuneError(
+            f"storage {shown} needs the Python driver {exc.name or parsed.drivername!r}, which is not installed; "
+            "for PostgreSQL: pip install 'psycopg[binary]'"
+        ) from None
+    sqlite = parsed.get_backend_name() == "sqlite"
+    if sqlite and parsed.database and not Path(parsed.database).parent.is_dir():
+        raise TuneError(f"storage {shown}: the folder {Path(parsed.database).parent} does not exist; "
+                        "create it or choose another path")
+    engine_kwargs = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-        except sqlalchemy.exc.SQLAlchemyError:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except sqlalchemy.exc.SQLAlchemyError as exc:
             # Two workers creating the same new database race on its schema; the loser retries.
-            if attempt == attempts - 1:
-                raise
+            if attempt == attempts - 1 or not sqlite:
+                reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+                raise TuneError(f"cannot open the study storage {shown} ({reason}); check the URL, "
+                                "that the database server runs and the database exists") from None
             time.sleep(0.5 * (attempt + 1))
+
+
+def trial_seed(study_seed: int, trial_number: int) -> int:
+    """A sampler seed for one trial: unique per (study seed, trial number), whichever worker runs it."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([study_seed, trial_number]).generate_state(1)[0])
+
+
+def make_sampler(study_seed: int):
+    """TPE whose randomness for trial N is seeded from (seed, N).
+
+    One `TPESampler(seed=s)` per process makes every worker (and every rerun) propose the same
+    points in the same order; trial numbers are unique in a study, so these seeds never repeat.
+    """
+    import optuna
+
+    def tpe(seed: int):
+        # constant_liar: running trials count as bad, so parallel workers spread out.
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+
+    class PerTrialSeedSampler(optuna.samplers.BaseSampler):
+        def __init__(self) -> None:
+            self._inner = tpe(study_seed)
+
+        def before_trial(self, study, trial) -> None:
+            self._inner = tpe(trial_seed(study_seed, trial.number))
+            self._inner.before_trial(study, trial)
+
+        def infer_relative_search_space(self, study, trial):
+            return self._inner.infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study, trial, search_space):
+            return self._inner.sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+        def after_trial(self, study, trial, state, values) -> None:
+            self._inner.after_trial(study, trial, state, values)
+
+    return PerTrialSeedSampler()
 
 
 def make_pruner(name: str, report_every: int, iterations: int):
@@ -62,22 +138,40 @@ def make_pruner(name: str, report_every: int, iterations: int):
     return optuna.pruners.NopPruner()
 
 
-def load_study(params: Params, study_name: str, storage: str):
+def baseline_values(params: Params) -> dict[str, float]:
+    return {key: getattr(params.train, key) for key in params.tune.space}
+
+
+def enqueue_baseline(study, params: Params) -> None:
+    study.enqueue_trial(baseline_values(params), user_attrs={BASELINE_ATTR: True})
+
+
+def load_study(params: Params, study_name: str, storage: str, *, create: bool = True):
+    """The study, created when missing (its creator, and only it, enqueues the params.yaml baseline)."""
     import optuna
 
-    sampler = optuna.samplers.TPESampler(seed=params.seed)
-    pruner = make_pruner(params.tune.pruner, params.tune.report_every, params.tune.iterations)
+    from sqlalchemy.engine import make_url
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # this module prints each event once itself
+    missing = f"no study named {study_name!r} in {storage_url(storage).split('@')[-1]}; run `python -m src.tune` " \
+              "first (or pass --study-name/--storage of an existing one)"
+    if not create and storage.startswith("sqlite:///") and not Path(make_url(storage).database or "").is_file():
+        raise TuneError(missing)  # opening it would create an empty database file
+    rdb = make_storage(storage)
+    kwargs = {"sampler": make_sampler(params.seed),
+              "pruner": make_pruner(params.tune.pruner, params.tune.report_every, params.tune.iterations)}
+    with contextlib.suppress(KeyError):
+        return optuna.load_study(study_name=study_name, storage=rdb, **kwargs)
+    if not create:
+        raise TuneError(missing)
     try:
-        return optuna.create_study(
-            study_name=study_name,
-            storage=make_storage(storage),
-            sampler=sampler,
-            pruner=pruner,
-            direction="minimize",
-            load_if_exists=True,
-        )
+        study = optuna.create_study(study_name=study_name, storage=rdb, direction="minimize", **kwargs)
     except optuna.exceptions.DuplicatedStudyError:  # another worker created it a moment ago
-        return optuna.load_study(study_name=study_name, storage=make_storage(storage), sampler=sampler, pruner=pruner)
+        return optuna.load_study(study_name=study_name, storage=rdb, **kwargs)
+    # A new study starts from the current params.yaml values, so the gain over them is measured.
+    enqueue_baseline(study, params)
+    print(f"created study {study_name!r}; its first trial runs the params.yaml values", flush=True)
+    return study
 
 
 def suggest(trial, space) -> dict[str, float]:
@@ -99,42 +193,65 @@ def trial_params(params: Params, values: dict[str, float]) -> Params:
     return params.model_copy(update={"train": train})
 
 
-def run_trial(trial, params: Params, snapshot, device) -> float:
-    """Train one trial; FID is reported at each step and the trial pruned when the pruner says so."""
+def check_config(params: Params, storage: str) -> None:
+    """Everything a trial would trip over that no trial can change; raises before the study is touched."""
+    from src.device import resolve_device
+    from src.fid import build_inception, resolve_inception_weights
+
+    if params.train.recipe == "article":
+        raise TuneError("train.recipe is 'article', which fixes lr and betas; set train.recipe: custom to tune them")
+    resolve_device(params.train.device)
+    build_inception(resolve_inception_weights(params.evaluate.inception_weights))
+    make_storage(storage)
+
+
+def trial_failure_types() -> tuple[type[Exception], ...]:
+    """User errors that belong to one trial's sampled values (the study goes on after them)."""
+    from src.fid import FIDInputError
+    from src.training import NonFiniteLossError
+
+    return (NonFiniteLossError, FIDInputError)
+
+
+def run_trial(trial, params: Params, snapshot, fid_of: Callable, show: Callable | None = None) -> float:
+    """Train one trial; FID is reported at each step and the trial pruned when the pruner says so.
+
+    The baseline trial (the params.yaml values) is never pruned: its FID is the yardstick.
+    `show(step=..., fid=...)` is told the progress.
+    """
     import mlflow
     import optuna
 
-    from src.fid import make_fid_fn
     from src.training import train_gan
 
     values = suggest(trial, params.tune.space)
     run_params = trial_params(params, values)
-    if run_params.train.recipe == "article":
-        raise TuneError(
-            "train.recipe is 'article', which fixes lr and betas; set train.recipe: custom to tune them"
-        )
-    fid_of = make_fid_fn(snapshot, run_params, device)
+    baseline = bool(trial.user_attrs.get(BASELINE_ATTR))
     reported: list[float] = []
+    show = show or (lambda **_: None)
 
     def fid_fn(step: int, generator) -> float:
         fid = fid_of(step, generator)
         reported.append(fid)
+        show(step=step, fid=fid)
         trial.report(fid, step)
         mlflow.log_metric("fid", fid, step=step)
-        if trial.should_prune():
+        if not baseline and trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step} with FID {fid:.2f}")
         return fid
 
     with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True):
         mlflow.log_params({k: v for k, v in flatten(effective(run_params)).items() if k.startswith(("train.", "model."))})
-        mlflow.set_tags({"optuna.trial": str(trial.number), "optuna.study": trial.study.study_name})
+        mlflow.set_tags({"optuna.trial": str(trial.number), "optuna.study": trial.study.study_name,
+                         "optuna.baseline": str(baseline).lower()})
         try:
             with tempfile.TemporaryDirectory() as ckpt:
-                result = train_gan(effective(run_params), snapshot, checkpoint_dir=Path(ckpt), fid_fn=fid_fn, progress=False)
+                result = train_gan(effective(run_params), snapshot, checkpoint_dir=Path(ckpt), fid_fn=fid_fn,
+                                   log_fn=lambda step, _: show(step=step), progress=False)
         except optuna.TrialPruned:
             mlflow.set_tag("state", "pruned")
             raise
-        except Exception as exc:
+        except BaseException as exc:
             mlflow.set_tags({"state": "failed", "error": str(exc)[:500]})
             raise
         best = min(reported) if reported else math.nan
@@ -147,12 +264,14 @@ def run_trial(trial, params: Params, snapshot, device) -> float:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m src.tune", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n-trials", type=int, help="trials to run now (default tune.n_trials)")
+    parser.add_argument("--n-trials", type=int, help="trials to run now (default tune.n_trials; none with --apply alone)")
     parser.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     parser.add_argument("--study-name", help="default tune.study_name")
-    parser.add_argument("--storage", help="Optuna storage URL (default tune.storage, else sqlite:///optuna.db)")
+    parser.add_argument("--storage", help=f"Optuna storage URL, e.g. {STORAGE_EXAMPLES} "
+                                          "(default tune.storage, else sqlite:///optuna.db at the repo root)")
     parser.add_argument("--params", type=Path, help="params file (default ./params.yaml)")
-    parser.add_argument("--apply", action="store_true", help="write the best values into params.yaml")
+    parser.add_argument("--apply", action="store_true",
+                        help="write the study's best values into params.yaml (alone: no new trial)")
     args = parser.parse_args(argv)
     if args.n_trials is not None and args.n_trials <= 0:
         parser.error("--n-trials must be a positive integer")
@@ -170,14 +289,15 @@ def summary_table(study) -> str:
             f"({t.intermediate_values[max(t.intermediate_values)]:.2f})" if t.intermediate_values else "-"
         )
         cells = [f"{t.params[k]:.3g}" if k in t.params else "-" for k in TUNED_KEYS]
-        rows.append(f"| {t.number} | {t.state.name.lower()} | {value} | " + " | ".join(cells) + " |")
+        mark = " (params.yaml)" if t.user_attrs.get(BASELINE_ATTR) else ""
+        rows.append(f"| {t.number}{mark} | {t.state.name.lower()} | {value} | " + " | ".join(cells) + " |")
     complete = study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
     if complete:
         rows.append(f"\nbest: trial {study.best_trial.number}, FID {study.best_value:.2f}, {study.best_params}")
-        first = study.trials[0]
-        if first.value is not None and first.system_attrs.get("fixed_params"):
-            rows.append(f"trial 0 (the params.yaml values) FID {first.value:.2f}: best is "
-                        f"{first.value - study.best_value:.2f} lower ({study.best_value / first.value:.2f}x)")
+        base = [t for t in complete if t.user_attrs.get(BASELINE_ATTR)]
+        if base:
+            rows.append(f"trial {base[0].number} (the params.yaml values) FID {base[0].value:.2f}: best is "
+                        f"{base[0].value - study.best_value:.2f} lower ({study.best_value / base[0].value:.2f}x)")
     return "\n".join(rows)
 
 
@@ -212,6 +332,82 @@ def apply_best(path: Path, best: dict[str, float]) -> None:
     set_params(path, {f"train.{key}": float(f"{value:.6g}") for key, value in best.items()})
 
 
+class Progress:
+    """Two tqdm bars: the study (trials, best FID so far, ETA) and the running trial (steps, FID)."""
+
+    def __init__(self, n_trials: int, iterations: int) -> None:
+        from tqdm.auto import tqdm
+
+        self._tqdm = tqdm
+        self.iterations = iterations
+        self.study = tqdm(total=n_trials, desc="study", unit="trial", position=0, dynamic_ncols=True)
+        self.trial = None
+
+    def start_trial(self, number: int) -> None:
+        self.trial = self._tqdm(total=self.iterations, desc=f"trial {number}", unit="it", position=1,
+                                leave=False, dynamic_ncols=True, mininterval=0.5)
+
+    def show(self, step: int, fid: float | None = None) -> None:
+        if self.trial is not None:
+            self.trial.update(max(0, step - self.trial.n))
+            if fid is not None:
+                self.trial.set_postfix(fid=f"{fid:.2f}")
+
+    def end_trial(self, line: str, best: float | None) -> None:
+        if self.trial is not None:
+            self.trial.close()
+            self.trial = None
+        self._tqdm.write(line)
+        if best is not None:
+            self.study.set_postfix(best_fid=f"{best:.2f}")
+        self.study.update(1)
+
+    def close(self) -> None:
+        if self.trial is not None:
+            self.trial.close()
+        self.study.close()
+
+
+def optimize(study, params: Params, snapshot, fid_of: Callable, *, n_trials: int, timeout: float | None) -> None:
+    """Run trials; a failed baseline is put back in the queue, a configuration error stops everything."""
+    import optuna
+
+    stop: list[UserError] = []
+    per_trial = trial_failure_types()
+    bar = Progress(n_trials, params.tune.iterations)
+
+    def objective(trial) -> float:
+        bar.start_trial(trial.number)
+        try:
+            return run_trial(trial, params, snapshot, fid_of, show=bar.show)
+        except optuna.TrialPruned:
+            raise
+        except BaseException as exc:
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
+            if trial.user_attrs.get(BASELINE_ATTR):
+                enqueue_baseline(trial.study, params)  # run it again until it completes
+            if isinstance(exc, UserError) and not isinstance(exc, per_trial):
+                stop.append(exc)
+                trial.study.stop()
+            raise
+
+    def report(study, trial) -> None:
+        value = "-" if trial.value is None else f"{trial.value:.2f}"
+        reason = [trial.user_attrs["error"]] if trial.state.name == "FAIL" and "error" in trial.user_attrs else []
+        best = None
+        with contextlib.suppress(ValueError):
+            best = study.best_value
+        bar.end_trial(f"trial {trial.number}: {trial.state.name.lower()}  FID {value}  {trial.params}"
+                      + (f"  ({reason[0]})" if reason else ""), best)
+
+    try:
+        study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(Exception,), callbacks=[report])
+    finally:
+        bar.close()
+    if stop:
+        raise TuneError(str(stop[0]))
+
+
 def tune(params: Params, *, n_trials: int, timeout: float | None, study_name: str, storage: str) -> Any:
     import mlflow
     import optuna
@@ -220,31 +416,22 @@ def tune(params: Params, *, n_trials: int, timeout: float | None, study_name: st
     from src.atomic import write_json_atomic
     from src.data import load_snapshot
     from src.device import resolve_device
+    from src.fid import make_fid_fn
 
     snapshot = load_snapshot()
-    device = resolve_device(params.train.device)
+    check_config(params, storage)
+    # One FID function for every trial: the Inception model and the real statistics load once.
+    fid_of = make_fid_fn(snapshot, trial_params(params, {}), resolve_device(params.train.device))
     study = load_study(params, study_name, storage)
     before = len(study.trials)
-    if before == 0:
-        # A new study starts from the current params.yaml values, so the gain over them is measured.
-        study.enqueue_trial({key: getattr(params.train, key) for key in params.tune.space})
-
-    def progress(study, trial) -> None:
-        value = "-" if trial.value is None else f"{trial.value:.2f}"
-        print(f"trial {trial.number}: {trial.state.name.lower()}  FID {value}  {trial.params}", flush=True)
+    if before:
+        print(f"continuing study {study_name!r} ({before} trials so far)", flush=True)
 
     tracking.setup()
     with mlflow.start_run(run_name=f"tune-{study_name}", tags={**tracking.run_tags(), "optuna.study": study_name}):
         mlflow.log_params({"tune.n_trials": n_trials, "tune.iterations": params.tune.iterations,
                            "tune.pruner": params.tune.pruner, "tune.storage": storage.split("@")[-1]})
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study.optimize(
-            lambda trial: run_trial(trial, params, snapshot, device),
-            n_trials=n_trials,
-            timeout=timeout,
-            catch=(Exception,),
-            callbacks=[progress],
-        )
+        optimize(study, params, snapshot, fid_of, n_trials=n_trials, timeout=timeout)
         print(summary_table(study))
         complete = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
         mlflow.log_metric("trials_run", len(study.trials) - before)
@@ -259,24 +446,30 @@ def tune(params: Params, *, n_trials: int, timeout: float | None, study_name: st
     return study
 
 
+def apply_study_best(study, path: Path) -> None:
+    import optuna
+
+    if not study.get_trials(states=[optuna.trial.TrialState.COMPLETE]):
+        raise TuneError(f"no trial of study {study.study_name!r} has completed yet, so there is nothing to "
+                        "--apply; run trials first: `python -m src.tune`")
+    apply_best(path, study.best_params)
+    print(f"wrote best {', '.join(study.best_params)} (trial {study.best_trial.number}, "
+          f"FID {study.best_value:.2f}) into {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    params = load_params(args.params)
     path = args.params or params_path()
-    params = load_params(path)
-    study = tune(
-        params,
-        n_trials=args.n_trials or params.tune.n_trials,
-        timeout=args.timeout or params.tune.timeout_s,
-        study_name=args.study_name or params.tune.study_name,
-        storage=args.storage or params.tune.storage or default_storage(),
-    )
+    study_name = args.study_name or params.tune.study_name
+    storage = args.storage or params.tune.storage or default_storage()
+    if args.apply and args.n_trials is None:  # --apply alone: use the study as it is
+        apply_study_best(load_study(params, study_name, storage, create=False), path)
+        return
+    study = tune(params, n_trials=args.n_trials or params.tune.n_trials, timeout=args.timeout or params.tune.timeout_s,
+                 study_name=study_name, storage=storage)
     if args.apply:
-        import optuna
-
-        if not study.get_trials(states=[optuna.trial.TrialState.COMPLETE]):
-            raise TuneError("no trial has completed yet, so there is nothing to --apply")
-        apply_best(path, study.best_params)
-        print(f"wrote best {', '.join(study.best_params)} into {path}")
+        apply_study_best(study, path)
 
 
 if __name__ == "__main__":

@@ -120,3 +120,21 @@ def test_palette_generator_file_keeps_its_palette(tmp_path):
     images = generate_images(loaded, 3, latent_dim=16, seed=0, device="cpu")
     colours = {tuple(c) for c in images.permute(0, 2, 3, 1).reshape(-1, 3).tolist()}
     assert colours <= {(0, 0, 0), (255, 255, 255), (255, 0, 0), (0, 255, 255)}
+
+
+def test_cli_draws_the_generator_evaluate_scores_and_says_which(tmp_path, monkeypatch, capsys):
+    from src.evaluate import GENERATOR_FILES
+
+    models = tmp_path / "models"
+    for seed, name in enumerate(reversed(GENERATOR_FILES)):  # generator.pt, generator_ema.pt, generator_best.pt
+        torch.manual_seed(seed)
+        gen = Generator(16, 8, init="dcgan")
+        save_torch_atomic(models / name, generator_payload(_cpu_state(gen), PARAMS, step=seed, kind="generator"))
+    monkeypatch.chdir(tmp_path)
+    for name in GENERATOR_FILES:  # best first, as evaluate picks; then EMA; then the last
+        out = main(["--n", "3", "--out", f"s-{name}", "--device", "cpu"])
+        assert f"from models/{name}" in capsys.readouterr().out
+        expected = generate_images(load_generator(models / name)[0], 3, latent_dim=16, seed=0, device="cpu")
+        drawn = np.asarray(Image.open(out / "0000.png"))
+        assert np.array_equal(drawn, expected[0].permute(1, 2, 0).numpy())
+        (models / name).unlink()

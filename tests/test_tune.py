@@ -7,9 +7,6 @@ Tiny model, tiny budget, real training and real FID (InceptionV3 weights from th
 from __future__ import annotations
 
 import difflib
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
@@ -58,6 +55,8 @@ def test_study_runs_three_trials_and_a_rerun_continues_to_six(workdir):
     got = states(storage)
     assert len(got) == 6
     assert set(got) <= {"COMPLETE", "PRUNED"} and "COMPLETE" in got
+    proposed = [tuple(sorted(t.params.items())) for t in optuna.load_study(study_name="atari-gan", storage=storage).trials]
+    assert len(set(proposed)) == 6, f"the rerun repeated earlier trials: {proposed}"
 
     import mlflow
 
@@ -93,19 +92,6 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(workdir, monkeypatch)
     assert got[0] != "FAIL" and got[2] != "FAIL"
 
 
-def test_two_workers_share_one_storage(workdir):
-    storage = f"sqlite:///{workdir / 'optuna.db'}"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "src.tune", "--params", "tiny.yaml", "--storage", storage, "--n-trials", "2"]
-    workers = [subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True) for _ in range(2)]
-    outputs = [w.communicate(timeout=600)[0] for w in workers]
-    for worker, output in zip(workers, outputs):
-        assert worker.returncode == 0, output
-    got = states(storage)
-    assert len(got) == 4 and "FAIL" not in got, outputs
-
-
 def test_apply_edits_only_the_four_values(workdir):
     before = (workdir / "params.yaml").read_text()
     best = {"lr_g": 0.000123, "lr_d": 0.000456, "beta1": 0.25, "beta2": 0.95}
@@ -124,3 +110,32 @@ def test_bad_command_line_values_are_clear_errors(workdir, capsys):
         tune.parse_args(["--n-trials", "0"])
     assert exit_info.value.code == 2
     assert "--n-trials must be a positive integer" in capsys.readouterr().err
+
+
+def test_a_failed_baseline_is_run_again_and_apply_alone_runs_no_trial(workdir, monkeypatch, capsys):
+    import src.training
+
+    real_train = src.training.train_gan
+    calls = {"n": 0}
+
+    def first_fails(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise src.training.NonFiniteLossError("loss became non-finite at iteration 3")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(src.training, "train_gan", first_fails)
+    storage = f"sqlite:///{workdir / 'optuna.db'}"
+    tune.main(["--params", "tiny.yaml", "--storage", storage, "--n-trials", "2"])
+    study = optuna.load_study(study_name="atari-gan", storage=storage)
+    baseline = [(t.number, t.state.name) for t in study.trials if t.user_attrs.get(tune.BASELINE_ATTR)]
+    assert baseline == [(0, "FAIL"), (1, "COMPLETE")]  # put back in the queue until it completes
+    assert study.trials[1].params == tune.baseline_values(load_params(workdir / "tiny.yaml"))
+    out = capsys.readouterr().out
+    assert out.count("created study") == 1 and "NonFiniteLossError" in out
+
+    tune.main(["--params", "tiny.yaml", "--storage", storage, "--apply"])
+    assert len(optuna.load_study(study_name="atari-gan", storage=storage).trials) == 2  # no new trial
+    train = load_params(workdir / "tiny.yaml").train
+    assert {k: getattr(train, k) for k in study.best_params} == {
+        k: float(f"{v:.6g}") for k, v in study.best_params.items()}

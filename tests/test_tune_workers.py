@@ -1,0 +1,59 @@
+"""Two `python -m src.tune` worker processes at once on one study, on SQLite and on PostgreSQL.
+
+All trials are recorded, no two propose the same values, exactly one runs the params.yaml
+baseline. PostgreSQL is a real server: `.ci/postgres` starts one and exports its URL in
+ATARI_GAN_TEST_POSTGRES_URL (CI requires it; elsewhere the PostgreSQL case is skipped without it).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+
+import optuna
+import pytest
+import yaml
+
+import src.fid as fid
+from conftest import cli_env
+
+POSTGRES_ENV = "ATARI_GAN_TEST_POSTGRES_URL"
+
+
+def postgres_url() -> str:
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        message = f"{POSTGRES_ENV} is not set: start a server with `eval \"$(.ci/postgres)\"`"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)  # CI installs and starts one: a missing server is a broken CI
+        pytest.skip(message)
+    return url
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_workers_on_one_study_lose_nothing_and_repeat_nothing(tiny_project, backend):
+    if not fid.hub_weights_path().is_file():
+        pytest.fail("InceptionV3 weights are missing: run `python -m src.inception_weights` first (CI does)")
+    storage = f"sqlite:///{tiny_project / 'optuna.db'}" if backend == "sqlite" else postgres_url()
+    study_name = f"workers-{uuid.uuid4().hex[:8]}"  # a shared server outlives the test
+    cmd = [sys.executable, "-m", "src.tune", "--storage", storage, "--study-name", study_name, "--n-trials", "2"]
+    workers = [subprocess.Popen(cmd, cwd=tiny_project, env=cli_env(tiny_project), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    for worker, output in zip(workers, outputs):
+        assert worker.returncode == 0, output
+
+    from src.tune import storage_url
+
+    trials = optuna.load_study(study_name=study_name, storage=storage_url(storage)).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4, outputs  # nothing lost, nothing failed
+    values = [tuple(sorted(t.params.items())) for t in trials]
+    assert len(set(values)) == 4, f"duplicate parameter sets: {values}"
+    baseline = [t for t in trials if t.user_attrs.get("baseline")]
+    assert len(baseline) == 1, outputs
+    shipped = yaml.safe_load((tiny_project / "params.yaml").read_text())["train"]
+    assert baseline[0].params == {k: shipped[k] for k in ("lr_g", "lr_d", "beta1", "beta2")}
+    everything = "".join(outputs)
+    assert everything.count("created study") == 1 and "A new study created" not in everything, everything
