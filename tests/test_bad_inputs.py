@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import edit_params, run_module
+from tests.conftest import edit_params, run_module
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 AS_ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")

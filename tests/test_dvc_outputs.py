@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import cli_env, edit_params
+from tests.conftest import cli_env, edit_params
 
 from src.params import REPO_ROOT
 

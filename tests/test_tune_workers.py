@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 import src.fid as fid
-from conftest import cli_env
+from tests.conftest import cli_env
 
 POSTGRES_ENV = "ATARI_GAN_TEST_POSTGRES_URL"
 
