@@ -25,6 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = "params.yaml"
 IMAGE_SHAPE = (3, 64, 64)  # channels first, as the article's wrapper produces
 AUGMENTS = ("color", "translation", "cutout")
+AUTO_POINTS = 5  # `auto` intervals give this many FID measurements and image grids per run
 
 
 def parse_policy(policy: str) -> tuple[str, ...]:
@@ -144,10 +145,18 @@ class TrainParams(_Section):
     compile: bool = False
     cuda_graphs: bool = Field(True, description="replay each training step as one CUDA graph (CUDA, one process)")
     log_every: int = Field(50, gt=0)
-    image_every: int = Field(1_000, gt=0)
+    image_every: int | str = Field("auto", description=f"auto = train.iterations / {AUTO_POINTS}")
     checkpoint_every: int = Field(500, gt=0)
-    fid_every: int = Field(2_000, ge=0, description="0 = no FID during training")
+    fid_every: int | str = Field("auto", description=f"auto = train.iterations / {AUTO_POINTS}; 0 = no FID")
     fid_samples: int = Field(500, ge=2)
+
+    @field_validator("image_every", "fid_every", mode="before")
+    @classmethod
+    def _every(cls, value: Any, info: Any) -> Any:
+        low = 0 if info.field_name == "fid_every" else 1
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+            return value
+        raise ValueError(f"expected 'auto' or a whole number >= {low}")
 
     @field_validator("augment")
     @classmethod
@@ -161,6 +170,7 @@ class EvaluateParams(_Section):
     kid_subset_size: int = Field(1_000, ge=2)
     inception_weights: str | None = Field(None, description="path to the torch-fidelity InceptionV3 weights")
     device: DeviceName = Field("auto", description="auto = the GPU when there is one")
+    holdout_samples: int | None = Field(None, ge=2, description="holdout frames scored (a fixed subset); null = all")
 
 
 class SearchRange(_Section):
@@ -214,6 +224,12 @@ class TuneParams(_Section):
 
 class Params(_Section):
     seed: int = Field(0, ge=0)
+    profile: Literal["auto", "cpu", "gpu"] = Field("auto", description="auto = gpu when training runs on CUDA")
+    # Values a profile sets over the rest (not collect: one snapshot serves both). The shipped cpu
+    # profile lives in params.yaml; a file without `profiles` runs as written on any machine.
+    profiles: dict[Literal["cpu", "gpu"], dict[Literal["model", "train", "evaluate", "tune"], dict[str, Any]]] = (
+        Field(default_factory=dict)
+    )
     collect: CollectParams = Field(default_factory=CollectParams)
     model: ModelParams = Field(default_factory=ModelParams)
     train: TrainParams = Field(default_factory=TrainParams)
@@ -242,15 +258,17 @@ ARTICLE_TRAIN = {
 
 
 def effective(params: Params) -> Params:
-    """The params that actually run: the `article` recipe overrides model and training settings."""
-    if params.train.recipe != "article":
+    """The params that actually run: the `article` recipe overrides model and training settings,
+    and `auto` intervals become numbers of steps. Applying it twice changes nothing."""
+    train = params.train
+    update = {k: max(1, train.iterations // AUTO_POINTS) for k in ("image_every", "fid_every")
+              if getattr(train, k) == "auto"}
+    if train.recipe == "article":
+        params = params.model_copy(update={"model": params.model.model_copy(update=ARTICLE_MODEL)})
+        update.update(ARTICLE_TRAIN)
+    if not update:
         return params
-    return params.model_copy(
-        update={
-            "model": params.model.model_copy(update=ARTICLE_MODEL),
-            "train": params.train.model_copy(update=ARTICLE_TRAIN),
-        }
-    )
+    return params.model_copy(update={"train": train.model_copy(update=update)})
 
 
 def _describe(error: dict[str, Any], raw: Any) -> str:
@@ -309,12 +327,7 @@ def _lookup(raw: Any, loc: tuple) -> Any:
     return raw
 
 
-def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
-    """Validate a params mapping; every problem is reported in one ParamsError."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+def _validate(raw: dict[str, Any], source: str) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
@@ -322,6 +335,27 @@ def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
         if len(problems) == 1:
             raise ParamsError(f"{source}: {problems[0]}") from None
         raise ParamsError(f"{source} has {len(problems)} invalid values:\n  " + "\n  ".join(problems)) from None
+
+
+def with_profile(params: Params, name: str) -> Params:
+    """`params` with `profiles[name]`'s values applied and `profile` set to `name`."""
+    raw = params.model_dump()
+    for section, values in params.profiles.get(name, {}).items():
+        raw[section] = {**raw[section], **values}
+    raw["profile"] = name
+    return _validate(raw, f"profiles.{name} in {PARAMS_FILE}")
+
+
+def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
+    """Validate a params mapping, each profile's values included; every problem is reported in one ParamsError."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    params = _validate(raw, source)
+    for name in params.profiles:
+        with_profile(params, name)
+    return params
 
 
 def params_path() -> Path:

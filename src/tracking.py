@@ -136,6 +136,7 @@ class TrainingRun:
             "snapshot_sha256": snapshot.sha256,
             "device": device_label(device),
             "recipe": params.train.recipe,
+            "profile": params.profile,
             "world_size": str(world),
         }
         if resume_id and run_id is None:
@@ -180,7 +181,7 @@ class TrainingRun:
         from src.models import Generator, cpu_state, model_kwargs
         from src.params import effective
 
-        final = {"images_per_s_overall": result.images_per_s, "train_seconds": result.elapsed_s}
+        final = {"images_per_s": result.images_per_s, "train_seconds": result.elapsed_s}
         if result.best_fid is not None:
             final.update(best_fid=result.best_fid)
         self.log_metrics(result.iterations, final)

@@ -14,8 +14,9 @@ from typing import Any
 
 from src.data import load_snapshot
 from src.errors import run_cli
-from src.params import effective, load_params
+from src.profile import load_run_params
 from src.paths import CHECKPOINT_DIR, MODELS_DIR, SNAPSHOT_DIR, TRAIN_METRICS_FILE, TRAIN_PLOTS_DIR
+from src.timing import Stopwatch
 from src.tracking import TrainingRun
 from src.training.checkpoint import checkpoint_meta, training_fingerprint
 from src.training.distributed import end_distributed, init_distributed, process_device
@@ -27,20 +28,23 @@ log = logging.getLogger(__name__)
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    params = effective(load_params())
+    params = load_run_params()
     rank, world = init_distributed(params.train.device)
     tracker: TrainingRun | None = None
+    watch = Stopwatch()
     try:
         device = process_device(params.train.device, world)
-        snapshot = load_snapshot(SNAPSHOT_DIR, verify=rank == 0)
-        check_snapshot(snapshot)
+        with watch.section("data"):
+            snapshot = load_snapshot(SNAPSHOT_DIR, verify=rank == 0)
+            check_snapshot(snapshot)
         fid_fn = None
         meta: dict[str, Any] = {}
         if rank == 0:
             if params.train.fid_every > 0:
                 from src.fid import make_fid_fn
 
-                fid_fn = make_fid_fn(snapshot, params, device)
+                with watch.section("fid reference"):
+                    fid_fn = make_fid_fn(snapshot, params, device)
             fingerprint = training_fingerprint(params, snapshot.sha256, device, world)
             resume_id = checkpoint_meta(CHECKPOINT_DIR, fingerprint).get("mlflow_run_id")
             tracker = TrainingRun(params, snapshot, device, world, resume_id)
@@ -55,14 +59,20 @@ def main() -> None:
             progress=rank == 0,
             checkpoint_meta=meta,
         )
+        for name, seconds in result.seconds.items():
+            watch.add(name, seconds)
         if rank == 0 and tracker is not None:
-            written = write_outputs(result, params, snapshot,
-                                    run_ids={"run_id": tracker.run_id, "experiment_id": tracker.experiment_id})
-            tracker.finish(result, params, written)
+            with watch.section("writing"):
+                written = write_outputs(result, params, snapshot, seconds=watch.rounded(),
+                                        run_ids={"run_id": tracker.run_id, "experiment_id": tracker.experiment_id})
+                tracker.finish(result, params, written)
+            tracker.log_metrics(result.iterations, {f"time_{k.replace(' ', '_')}_s": v for k, v in watch.seconds.items()})
             tracker.end("FINISHED")
             tracker = None
-            log.info("trained %d iterations in %.0f s (%.0f images/s); outputs in %s/, %s, %s/", result.iterations,
-                     result.elapsed_s, result.images_per_s, MODELS_DIR, TRAIN_METRICS_FILE, TRAIN_PLOTS_DIR)
+            log.info("trained %d iterations in %.0f s of training (%.0f images/s, profile %s); outputs in %s/, %s, %s/",
+                     result.iterations, result.elapsed_s, result.images_per_s, params.profile, MODELS_DIR,
+                     TRAIN_METRICS_FILE, TRAIN_PLOTS_DIR)
+            log.info(watch.summary())
     except TrainingInterrupted as exc:
         if tracker is not None:
             tracker.end("KILLED")

@@ -63,6 +63,29 @@ def test_callbacks_history_and_best_fid(snapshot, tmp_path):
     assert best is not None and not torch.equal(best["pipe.0.weight"], result.ema_generator.pipe[0].weight)
 
 
+def test_one_images_per_s_figure_and_the_bar_closes_before_the_last_fid(snapshot, tmp_path):
+    import time
+
+    from tqdm.std import tqdm
+
+    open_bars, logged = {}, []
+
+    def fid_fn(step, gen):
+        open_bars[step] = len(tqdm._instances)
+        time.sleep(0.3)  # FID time: must count in the breakdown, not in images/s
+        return 1.0
+
+    result = train_gan(tiny(fid_every=10), snapshot, checkpoint_dir=tmp_path / "ckpt", fid_fn=fid_fn,
+                       log_fn=lambda s, m: logged.append(m), progress=True)
+    assert open_bars == {10: 1, 20: 0}  # mid-run FID under the open bar; the last one after it closed
+    assert set(result.seconds) >= {"training", "fid", "checkpoints"}
+    assert result.seconds["fid"] >= 0.6 and result.seconds["training"] == pytest.approx(result.elapsed_s, abs=0.1)
+    expected = result.iterations * 8 / result.elapsed_s  # batch 8, training seconds only
+    assert result.images_per_s == pytest.approx(expected, rel=1e-6)
+    last = [m["images_per_s"] for m in logged if "images_per_s" in m][-1]
+    assert last == pytest.approx(result.images_per_s, rel=0.05)
+
+
 def test_fid_callback_exceptions_propagate(snapshot):
     class Pruned(Exception):
         pass

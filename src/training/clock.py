@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from src.timing import Stopwatch
+
 log = logging.getLogger(__name__)
 
 
@@ -44,23 +46,18 @@ class StopRequest:
 
 
 class Clock:
-    """Training seconds: wall time since start plus earlier sessions, minus paused work."""
+    """Training seconds: wall time since start plus earlier sessions, minus paused work (timed by name)."""
 
     def __init__(self, before: float):
         self.before = before
         self.start = time.perf_counter()
-        self.paused = 0.0
+        self.paused = Stopwatch()
 
     def elapsed(self) -> float:
-        return self.before + time.perf_counter() - self.start - self.paused
+        return self.before + time.perf_counter() - self.start - sum(self.paused.seconds.values())
 
-    @contextlib.contextmanager
-    def pause(self) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.paused += time.perf_counter() - t0
+    def pause(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return self.paused.section(name)
 
 
 def lr_scale(step: int, iterations: int, elapsed_s: float, budget_s: float | None) -> float:

@@ -75,6 +75,7 @@ class TrainResult:
     world_size: int = 1
     device: str = "cpu"
     precision: str = "fp32"
+    seconds: dict[str, float] = field(default_factory=dict)  # this session: training, fid, checkpoints, logging
 
     @property
     def eval_generator(self) -> nn.Module:
@@ -180,12 +181,11 @@ class _Run:
             if self.rank == 0:
                 log.info("resuming from %s at iteration %d (%.0f s trained)", self.ckpt_path,
                          self.trainer.step_count, self.elapsed_before)
-        self.step = self.trainer.step_count
+        self.step = self.first_step = self.trainer.step_count
         self.window = LossWindow(max(1, min(self.t.log_every, self.t.iterations)), self.device, self.world)
         self.clock = Clock(self.elapsed_before)
         self.last_means = dict(self.loss_history[-1]) if self.loss_history else {}
         self.last_means.pop("step", None)
-        self.rate_mark = (self.step, self.clock.elapsed())
         # Own random stream: logging images must not change the training batches.
         self.grid_rng = torch.Generator().manual_seed(stream_seed(self.params.seed, self.rank, 2))
 
@@ -193,29 +193,43 @@ class _Run:
         return self.t.time_budget_s is not None and self.clock.elapsed() >= self.t.time_budget_s
 
     def train(self, progress: bool) -> str:
-        """Step until the iteration count, the time budget or a signal; returns which one stopped it."""
+        """Step until the iteration count, the time budget or a signal; returns which one stopped it.
+
+        The bar closes before the final FID and checkpoint, so what follows it is not counted as training.
+        """
         from tqdm.auto import tqdm
 
         t = self.t
+        # No tqdm rate: it would count FID pauses. img/s is training images per training second, as everywhere.
         bar = tqdm(total=t.iterations, initial=self.step, desc="train", unit="it", dynamic_ncols=True,
-                   mininterval=0.5, disable=not (progress and self.rank == 0))
-        with self.stopper.installed(self.ckpt_path is not None), bar:
+                   mininterval=0.5, disable=not (progress and self.rank == 0),
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+        with self.stopper.installed(self.ckpt_path is not None):
             if self._spent():
+                bar.close()
                 return "time_budget"
-            while self.step < t.iterations:
-                if t.lr_decay == "linear":
-                    self.trainer.set_lr_scale(lr_scale(self.step, t.iterations, self.clock.elapsed(), t.time_budget_s))
-                losses = self.trainer.step()
-                self.step += 1
-                self.window.add(losses)
-                bar.update(1)
-                stopped_by = self._after_step(bar)
-                if stopped_by != "iterations":
-                    return stopped_by
+            with bar:
+                stopped_by = self._steps(bar)
+            self._finish(stopped_by)
+        return stopped_by
+
+    def _steps(self, bar: Any) -> str:
+        t = self.t
+        while self.step < t.iterations:
+            if t.lr_decay == "linear":
+                self.trainer.set_lr_scale(lr_scale(self.step, t.iterations, self.clock.elapsed(), t.time_budget_s))
+            losses = self.trainer.step()
+            self.step += 1
+            self.window.add(losses)
+            bar.update(1)
+            stopped_by = self._after_step(bar)
+            if stopped_by != "iterations":
+                return stopped_by
         return "iterations"
 
     def _after_step(self, bar: Any) -> str:
-        """Log images, then, at a sync point, read the losses and measure/checkpoint what is due."""
+        """Log images, then, at a sync point, read the losses and measure/checkpoint what is due (the
+        last step's FID and checkpoint are `_finish`'s)."""
         t, step = self.t, self.step
         signalled = self.stopper.signum is not None
         spent = self._spent()
@@ -227,33 +241,44 @@ class _Run:
         if not (step % t.log_every == 0 or due_ckpt or due_fid or final or (self.world == 1 and (signalled or spent))):
             return "iterations"
         signalled, spent = self._sync(bar, signalled, spent)
-        stopped_by = "iterations"
         if signalled or spent:  # agreed by every process: all of them leave the loop at this step
-            stopped_by = "signal" if signalled else "time_budget"
-        finishing = final or stopped_by != "iterations"
-        if due_fid or (self.fid_on and finishing and stopped_by != "signal"):
+            return "signal" if signalled else "time_budget"
+        if not final:
+            if due_fid:
+                self._measure_fid()
+            if due_ckpt:
+                self._save_checkpoint()
+        return "iterations"
+
+    def _finish(self, stopped_by: str) -> None:
+        """The last step's FID (not after a signal, unless it was due anyway) and checkpoint."""
+        if self.step == self.first_step:  # resumed at the end: nothing new to measure or save
+            return
+        if self.fid_on and (stopped_by != "signal" or self.step % self.t.fid_every == 0):
             self._measure_fid()
-        if due_ckpt or (self.ckpt_path is not None and finishing):
+        if self.ckpt_path is not None:
             self._save_checkpoint()
-        return stopped_by
 
     def _sync(self, bar: Any, signalled: bool, spent: bool) -> tuple[bool, bool]:
         """Read the loss window (the host sync), check it, log its means; the stop flags, agreed."""
         rows, (signalled, spent) = self.window.read(signalled, spent)
         self._check_finite(rows)
         self.last_means = {k: float(np.mean([r[j] for r in rows])) for j, k in enumerate(LOSS_KEYS)}
-        now = self.clock.elapsed()
-        images = (self.step - self.rate_mark[0]) * self.trainer.images_per_step(self.world)
-        rate = images / max(now - self.rate_mark[1], 1e-9)
-        self.rate_mark = (self.step, now)
+        rate = self.images_per_s()
         self.loss_history.append({"step": self.step, **self.last_means})
         if self.rank == 0:
             bar.set_postfix({"img/s": f"{rate:.0f}", "loss_g": f"{self.last_means['loss_g']:.3f}",
                              "loss_d": f"{self.last_means['loss_d']:.3f}"}, refresh=False)
             if self.log_fn is not None:
-                with self.clock.pause():
+                with self.clock.pause("logging"):
                     self.log_fn(self.step, {**self.last_means, "images_per_s": rate})
         return signalled, spent
+
+    def images_per_s(self, elapsed: float | None = None) -> float:
+        """The project's one images/s figure: training images over training seconds (FID, checkpoints
+        and logging excluded), since the run began, earlier sessions included."""
+        elapsed = self.clock.elapsed() if elapsed is None else elapsed
+        return self.step * self.trainer.images_per_step(self.world) / elapsed if elapsed > 0 else 0.0
 
     def _check_finite(self, rows: list[list[float]]) -> None:
         for i, row in enumerate(rows):
@@ -270,7 +295,7 @@ class _Run:
         from src.sample import generate_images
 
         trainer = self.trainer
-        with self.clock.pause(), torch.no_grad(), eval_mode(trainer.eval_generator) as gen:
+        with self.clock.pause("logging"), torch.no_grad(), eval_mode(trainer.eval_generator) as gen:
             pick = torch.randint(len(trainer.sampler), (GRID_SIZE,), generator=self.grid_rng)
             real = trainer.sampler.images[pick.to(self.device)].cpu()
             fake = generate_images(gen, GRID_SIZE, latent_dim=trainer.latent_dim, seed=self.params.seed,
@@ -279,7 +304,7 @@ class _Run:
 
     def _measure_fid(self) -> None:
         if self.rank == 0 and self.fid_fn is not None:
-            with self.clock.pause(), eval_mode(self.trainer.eval_generator) as gen:
+            with self.clock.pause("fid"), eval_mode(self.trainer.eval_generator) as gen:
                 fid = float(self.fid_fn(self.step, gen))
                 self.fid_history.append({"step": self.step, "fid": fid})
                 if self.log_fn is not None:
@@ -306,7 +331,7 @@ class _Run:
             rng = [None] * self.world
             dist.all_gather_object(rng, trainer.rng_state())
         if self.rank == 0 and self.ckpt_path is not None:
-            with self.clock.pause():
+            with self.clock.pause("checkpoints"):
                 write_checkpoint(self.ckpt_path, self.fingerprint, {
                     "step": self.step, "elapsed_s": self.clock.elapsed(), "model": trainer.model_state(),
                     "rng": rng, "loss_history": self.loss_history, "fid_history": self.fid_history,
@@ -332,7 +357,7 @@ class _Run:
             discriminator=trainer.D,
             iterations=self.step,
             elapsed_s=elapsed,
-            images_per_s=self.step * trainer.images_per_step(self.world) / elapsed if elapsed > 0 else 0.0,
+            images_per_s=self.images_per_s(elapsed),
             losses=self.last_means,
             loss_history=self.loss_history,
             fid_history=self.fid_history,
@@ -343,4 +368,5 @@ class _Run:
             world_size=self.world,
             device=device_label(self.device),
             precision="bf16" if trainer.precision is torch.bfloat16 else "fp32",
+            seconds={"training": round(elapsed - self.elapsed_before, 1), **self.clock.paused.rounded()},
         )

@@ -41,13 +41,14 @@ def write_outputs(
     snapshot: Snapshot,
     *,
     run_ids: dict[str, str | None] | None = None,
+    seconds: dict[str, float] | None = None,
     root: Path = Path("."),
 ) -> dict[str, Path]:
     """Write the DVC outputs of the stage (models, metrics, plots), each file atomically."""
     params = effective(params)
     root = Path(root)
     written = write_models(result, params, snapshot, root / MODELS_DIR, run_ids or {})
-    write_json_atomic(root / TRAIN_METRICS_FILE, train_metrics(result))
+    write_json_atomic(root / TRAIN_METRICS_FILE, train_metrics(result, params, seconds or result.seconds))
     written["metrics"] = root / TRAIN_METRICS_FILE
     written.update(write_plots(result, params, root / TRAIN_PLOTS_DIR))
     return written
@@ -93,13 +94,19 @@ def write_models(result: TrainResult, params: Params, snapshot: Snapshot, models
     return written
 
 
-def train_metrics(result: TrainResult) -> dict[str, Any]:
-    """metrics/train.json: speed, final window losses and, when FID was measured, the best step."""
+def train_metrics(result: TrainResult, params: Params, seconds: dict[str, float]) -> dict[str, Any]:
+    """metrics/train.json: the profile and the scale it set, speed, the time breakdown, final window
+    losses and, when FID was measured, the best step."""
+    t = params.train
     metrics: dict[str, Any] = {
+        "profile": params.profile,
+        "settings": {"iterations": t.iterations, "time_budget_s": t.time_budget_s, "batch_size": t.batch_size,
+                     "fid_every": t.fid_every, "fid_samples": t.fid_samples, "image_every": t.image_every},
         "iterations": result.iterations,
         "elapsed_s": round(result.elapsed_s, 3),
         "images_per_s": round(result.images_per_s, 2),
         "stopped_by_time_budget": result.stopped_by == "time_budget",
+        "time_s": seconds,
         **{k: result.losses[k] for k in LOSS_KEYS if k in result.losses},
     }
     if result.best_fid is not None:
