@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import logging
 import tempfile
 import time
 import warnings
@@ -23,6 +24,7 @@ from typing import Any
 
 from src.errors import UserError, run_cli
 from src.params import TUNED_KEYS, Params, effective, flatten, load_params, params_path, set_params
+from src.profile import apply_profile
 
 BEST_FILE = Path("tune/best_params.json")
 BASELINE_ATTR = "baseline"  # user attribute marking the trial that runs the params.yaml values
@@ -459,7 +461,9 @@ def apply_study_best(study, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    params = load_params(args.params)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("src").setLevel(logging.INFO)  # our messages (the profile); not every library's
+    params = apply_profile(load_params(args.params))
     path = args.params or params_path()
     study_name = args.study_name or params.tune.study_name
     storage = args.storage or params.tune.storage or default_storage()

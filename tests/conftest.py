@@ -112,6 +112,7 @@ def tiny_project(tmp_path) -> Path:
     project.mkdir()
     (project / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
     edit_params(project / "params.yaml", {f"{s}.{k}": v for s, kv in TINY_PARAMS.items() for k, v in kv.items()})
+    edit_params(project / "params.yaml", {"profiles": None})  # the cpu profile would scale the tiny run up
     write_tiny_snapshot(project / "data" / "snapshot", 32, 12, games=("Breakout-v4",))
     return project
 
