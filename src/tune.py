@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import logging
+import math
 import tempfile
 import time
 import warnings
