@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import torch
+
+from src.params import REPO_ROOT
 
 
 @pytest.fixture(autouse=True)
@@ -14,3 +18,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def shipped_params_text() -> str:
+    """params.yaml as committed (git HEAD), not the working copy, which `dvc exp run -S ...` rewrites."""
+    try:
+        return subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"the shipped params.yaml is read from git, which is not available here ({exc})")

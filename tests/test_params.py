@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 import yaml
 
 from src.params import (
     ARTICLE_MODEL,
     ARTICLE_TRAIN,
-    REPO_ROOT,
     CollectParams,
     Params,
     ParamsError,
@@ -21,13 +18,7 @@ from src.params import (
 )
 
 
-def shipped_params() -> Params:
-    """params.yaml as committed (HEAD), not the working copy: `dvc exp run -S ...` rewrites that one."""
-    try:
-        text = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"the shipped params.yaml is read from git, which is not available here ({exc})")
+def shipped(text: str) -> Params:
     return parse_params(yaml.safe_load(text), source="HEAD:params.yaml")
 
 
@@ -37,8 +28,8 @@ def error_of(raw) -> str:
     return str(info.value)
 
 
-def test_shipped_params_load():
-    params = shipped_params()
+def test_shipped_params_load(shipped_params_text):
+    params = shipped(shipped_params_text)
     assert params.collect.games == ["Breakout-v4", "AirRaid-v4", "Pong-v4"]
     assert params.collect.train_frames > 0 and params.collect.holdout_frames > 0
     assert params.train.device in {"auto", "cpu", "cuda"} or params.train.device.startswith("cuda:")
@@ -48,9 +39,9 @@ def test_empty_file_gives_defaults():
     assert parse_params(None) == Params()
 
 
-def test_shipped_params_yaml_holds_the_code_defaults():
+def test_shipped_params_yaml_holds_the_code_defaults(shipped_params_text):
     # One source of truth: a key left out of params.yaml behaves as the shipped file says.
-    assert shipped_params() == Params()
+    assert shipped(shipped_params_text) == Params()
 
 
 @pytest.mark.parametrize(

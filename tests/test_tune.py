@@ -32,7 +32,7 @@ TINY = {
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch) -> Path:
+def workdir(tmp_path, monkeypatch, shipped_params_text) -> Path:
     if not fid.hub_weights_path().is_file():
         pytest.fail("InceptionV3 weights are missing: run `python -m src.inception_weights` first (CI does)")
     rng = np.random.default_rng(0)
@@ -43,8 +43,8 @@ def workdir(tmp_path, monkeypatch) -> Path:
          "holdout_images": frames(12), "holdout_labels": np.zeros(12, np.uint8)},
         {"games": ["Breakout-v4"]},
     )
-    # The shipped params.yaml with tiny values patched in as text, so comments and layout are real.
-    text = (REPO_ROOT / "params.yaml").read_text()
+    # The shipped params.yaml (git HEAD) with tiny values patched in, so comments and layout are real.
+    text = shipped_params_text
     (tmp_path / "params.yaml").write_text(text)
     raw = yaml.safe_load(text)
     for section, values in TINY.items():
