@@ -8,7 +8,9 @@ torchmetrics' `KernelInceptionDistance`, fed the features through an identity ex
 documented custom-feature path). FID is torchmetrics' formula on the same float64 statistics, with
 the matrix square root taken by symmetric eigendecompositions (`frechet_distance`): the same value
 (tests compare it with `FrechetInceptionDistance` itself), several times cheaper, which is what
-FID during training pays for. On CUDA the convolutions run in full fp32, not TF32.
+FID during training pays for. On CUDA the convolutions run in full fp32, not TF32. On the CPU the
+same network runs through ONNX Runtime (`OnnxInception`): the same features to ~1e-5, about twice as
+fast (benchmarks/RESULTS.md).
 
 Weights are found by `resolve_inception_weights`: `evaluate.inception_weights`, then the torch
 hub cache, then torch-fidelity's download; offline with none of these, the error says how to
@@ -191,7 +193,7 @@ def inception_trunk(net: nn.Module) -> nn.Sequential:
 
 
 class OnnxInception:
-    """The Inception trunk run by ONNX Runtime on the CPU: the same fp32 maths, ~1.5-3x the speed.
+    """The Inception trunk run by ONNX Runtime on the CPU: the same fp32 maths at ~1.5-2x less CPU per image.
 
     ONNX Runtime folds each conv's batch norm into it and runs convolutions in blocked layouts
     made for the CPU's vector units (benchmarks/RESULTS.md, "FID feature extraction"). The export
