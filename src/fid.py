@@ -196,7 +196,7 @@ class OnnxInception:
     """The Inception trunk run by ONNX Runtime on the CPU: the same fp32 maths at ~1.5-2x less CPU per image.
 
     ONNX Runtime folds each conv's batch norm into it and runs convolutions in blocked layouts
-    made for the CPU's vector units (benchmarks/RESULTS.md, "FID feature extraction"). The export
+    made for the CPU's vector units (benchmarks/RESULTS.md, "CPU Inception"). The export
     happens in memory when the extractor is first used (~2 s); ONNX Runtime uses as many threads as
     torch does (`torch.get_num_threads()` when built).
     """
