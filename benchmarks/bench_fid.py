@@ -8,10 +8,16 @@ where mlflow is not installed) twice on a synthetic snapshot and an untrained fu
 first with an empty FID cache (generated + holdout + training-floor features), then again (only
 the generated side). Imports and weights resolution happen before either clock starts.
 
+(c) `--backends`: on the CPU, the reference path (torchmetrics' module in torch, what src.fid ran
+before) against the default fast path (ONNX Runtime), on the same images in alternating chunks in
+one process, so load from other jobs hits both alike: median img/s and CPU-seconds per image of
+each, and FID of N synthetic screens vs N noisy ones from each path's features.
+
 Needs the InceptionV3 weights (`python -m src.inception_weights`). Prints a markdown table.
 
     python -m benchmarks.bench_fid [--device cpu|cuda] [--images 200] [--batch-size 50]
                                    [--num-samples 100] [--holdout 200]
+    python -m benchmarks.bench_fid --backends [--fid-images 500] [--chunk 100] [--threads N]
 """
 
 from __future__ import annotations
@@ -66,6 +72,45 @@ def bench_extraction(weights: Path, device: torch.device, count: int, batch_size
     return count / (time.perf_counter() - start)
 
 
+def noisy(images: np.ndarray, sigma: float, seed: int) -> np.ndarray:
+    noise = np.random.default_rng(seed).normal(0, sigma, images.shape)
+    return np.clip(images + noise, 0, 255).astype(np.uint8)
+
+
+def bench_backends(weights: Path, count: int, chunk: int, batch_size: int) -> dict:
+    """Reference (torch) vs fast (default) path on the same 2 x `count` images, chunks alternating."""
+    paths = {"reference": fid.InceptionFeatures(weights, batch_size=batch_size, progress=False, backend="torch"),
+             "fast": fid.InceptionFeatures(weights, batch_size=batch_size, progress=False)}
+    sets = {"real": torch.from_numpy(screens(count, seed=2)),
+            "generated": torch.from_numpy(noisy(screens(count, seed=3), sigma=30, seed=4))}
+    for extractor in paths.values():
+        extractor(sets["real"][:2])  # warm-up: build (and for the fast path export) before any clock
+    rates = {name: [] for name in paths}
+    cpu_ms = {name: [] for name in paths}
+    features = {name: {key: [] for key in sets} for name in paths}
+    for key, images in sets.items():
+        for start in range(0, count, chunk):
+            part = images[start : start + chunk]
+            for name, extractor in paths.items():
+                wall, cpu = time.perf_counter(), time.process_time()
+                features[name][key].append(extractor(part))
+                rates[name].append(len(part) / (time.perf_counter() - wall))
+                cpu_ms[name].append(1000 * (time.process_time() - cpu) / len(part))
+    feats = {name: {key: torch.cat(parts) for key, parts in by_set.items()} for name, by_set in features.items()}
+    ref, fast = feats["reference"], feats["fast"]
+    diff = max(float((ref[k] - fast[k]).abs().max()) for k in sets)
+    scale = max(float(ref[k].abs().max()) for k in sets)
+    return {
+        "backend": paths["fast"].backend,
+        "rate": {name: statistics.median(values) for name, values in rates.items()},
+        "cpu_ms": {name: statistics.median(values) for name, values in cpu_ms.items()},
+        "chunks": len(rates["fast"]),
+        "fid": {name: fid.fid_from_features(f["real"], f["generated"]) for name, f in feats.items()},
+        "max_abs_diff": diff,
+        "max_abs_feature": scale,
+    }
+
+
 def bench_evaluate(device: torch.device, num_samples: int, holdout: int, batch_size: int) -> tuple[float, float, dict]:
     from src.models import Generator, model_kwargs
     from src.training import generator_payload
@@ -110,10 +155,35 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=100, help="evaluate.num_samples for (b)")
     parser.add_argument("--holdout", type=int, default=200, help="holdout frames in the synthetic snapshot")
     parser.add_argument("--skip-evaluate", action="store_true")
+    parser.add_argument("--backends", action="store_true", help="(c) only: reference vs fast CPU path")
+    parser.add_argument("--fid-images", type=int, default=500, help="(c): images per side")
+    parser.add_argument("--chunk", type=int, default=100, help="(c): images per timed chunk")
+    parser.add_argument("--threads", type=int, default=None, help="torch (and ONNX Runtime) threads")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     load = os.getloadavg()[0]  # other work on the machine skews CPU numbers; recorded with them
     weights = fid.resolve_inception_weights(None, download=False)
+    if args.backends:
+        r = bench_backends(weights, args.fid_images, args.chunk, args.batch_size)
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        print(f"\nMachine: {machine(torch.device('cpu'))} · {stamp} · "
+              f"threads {torch.get_num_threads()} · load average {load:.1f} at start, "
+              f"{os.getloadavg()[0]:.1f} at end\n")
+        ref, fast = "reference", "fast"
+        print(f"| Inception on the CPU, {r['chunks']} alternating chunks of {args.chunk}, batch {args.batch_size} "
+              f"| reference (torch) | fast ({r['backend']}) | ratio |")
+        print("|---|---:|---:|---:|")
+        print(f"| median img/s (wall) | {r['rate'][ref]:.2f} | {r['rate'][fast]:.2f} "
+              f"| {r['rate'][fast] / r['rate'][ref]:.2f}x |")
+        print(f"| median CPU ms per image (all threads) | {r['cpu_ms'][ref]:.0f} | {r['cpu_ms'][fast]:.0f} "
+              f"| {r['cpu_ms'][ref] / r['cpu_ms'][fast]:.2f}x |")
+        print(f"| FID, {args.fid_images} screens vs {args.fid_images} noisy screens | {r['fid'][ref]:.4f} "
+              f"| {r['fid'][fast]:.4f} | dFID {r['fid'][fast] - r['fid'][ref]:+.5f} |")
+        print(f"| features: max abs difference (max abs feature {r['max_abs_feature']:.2f}) | | "
+              f"{r['max_abs_diff']:.1e} | |")
+        return
 
     rates = [bench_extraction(weights, device, args.images, args.batch_size) for _ in range(args.repeats)]
     rate = statistics.median(rates)

@@ -8,7 +8,9 @@ torchmetrics' `KernelInceptionDistance`, fed the features through an identity ex
 documented custom-feature path). FID is torchmetrics' formula on the same float64 statistics, with
 the matrix square root taken by symmetric eigendecompositions (`frechet_distance`): the same value
 (tests compare it with `FrechetInceptionDistance` itself), several times cheaper, which is what
-FID during training pays for. On CUDA the convolutions run in full fp32, not TF32.
+FID during training pays for. On CUDA the convolutions run in full fp32, not TF32. On the CPU the
+same network runs through ONNX Runtime (`OnnxInception`): the same features to ~1e-5, about twice as
+fast (benchmarks/RESULTS.md).
 
 Weights are found by `resolve_inception_weights`: `evaluate.inception_weights`, then the torch
 hub cache, then torch-fidelity's download; offline with none of these, the error says how to
@@ -164,27 +166,99 @@ def _strict_fp32_convs(device: torch.device) -> Iterator[None]:
         torch.backends.cudnn.allow_tf32 = previous
 
 
+# NoTrainInceptionV3's layers after the resize, in its forward's order, up to the 2048-d pool.
+INCEPTION_TRUNK = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1",
+                   "Conv2d_4a_3x3", "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
+                   "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "AvgPool")
+
+
+def inception_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> the network's input: what NoTrainInceptionV3.forward does before its first conv.
+
+    torch-fidelity's TF1-exact bilinear resize to 299x299 (the standard FID resize, `antialias=False`),
+    then (x - 128) / 128.
+    """
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    size = NoTrainInceptionV3.INPUT_IMAGE_SIZE
+    x = interpolate_bilinear_2d_like_tensorflow1x(images.float(), size=(size, size), align_corners=False)
+    return (x - 128) / 128
+
+
+def inception_trunk(net: nn.Module) -> nn.Sequential:
+    """The network part of NoTrainInceptionV3 (features 2048), as one module an exporter can trace."""
+    return nn.Sequential(*(getattr(net, name) for name in INCEPTION_TRUNK), nn.Flatten(1)).eval()
+
+
+class OnnxInception:
+    """The Inception trunk run by ONNX Runtime on the CPU: the same fp32 maths at ~1.5-2x less CPU per image.
+
+    ONNX Runtime folds each conv's batch norm into it and runs convolutions in blocked layouts
+    made for the CPU's vector units (benchmarks/RESULTS.md, "CPU Inception"). The export
+    happens in memory when the extractor is first used (~2 s); ONNX Runtime uses as many threads as
+    torch does (`torch.get_num_threads()` when built).
+    """
+
+    def __init__(self, trunk: nn.Module):
+        import io
+
+        import onnxruntime
+
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            torch.onnx.export(trunk, torch.zeros(1, 3, 299, 299), buffer, input_names=["x"],
+                              output_names=["features"], dynamic_axes={"x": {0: "n"}, "features": {0: "n"}},
+                              dynamo=False)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = inception_input(images).numpy()
+        return torch.from_numpy(self.session.run(None, {"x": x})[0])
+
+
+def fast_backend_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
+
+
 class InceptionFeatures:
     """Batched 2048-d Inception features of uint8 images, on the GPU when given one.
 
     The network is built on first use, so a run whose real side is all cached builds it only for
     the generated images. `images_seen` counts images sent through Inception.
+    `backend`: "onnxruntime" (the default on the CPU: same features within fp32 rounding, see
+    `OnnxInception`) or "torch" (torchmetrics' module itself: the reference, and the CUDA path).
+    The backend is not part of the cache key: both give the same features to ~1e-5.
     """
 
     def __init__(self, weights: Path, device: str | torch.device = "cpu", batch_size: int = 100,
-                 progress: bool = True):
+                 progress: bool = True, backend: str = "auto"):
         self.weights = Path(weights)
         self.weights_sha256 = file_sha256(self.weights)
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.progress = progress
+        if backend == "auto":
+            backend = "onnxruntime" if self.device.type == "cpu" and fast_backend_available() else "torch"
+        if backend not in ("torch", "onnxruntime") or (backend == "onnxruntime" and self.device.type != "cpu"):
+            raise ValueError(f"Inception backend {backend!r} on {self.device}: use 'torch', or 'onnxruntime' on the CPU")
+        self.backend = backend
         self.images_seen = 0
-        self._net: nn.Module | None = None
+        self._net: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
-    def net(self) -> nn.Module:
+    def net(self) -> Callable[[torch.Tensor], torch.Tensor]:
         if self._net is None:
-            self._net = build_inception(self.weights).to(self.device)
+            net = build_inception(self.weights)
+            self._net = OnnxInception(inception_trunk(net)) if self.backend == "onnxruntime" else net.to(self.device)
         return self._net
 
     def settings(self) -> dict:

@@ -106,11 +106,11 @@ def edit_params(path: Path, values: dict) -> None:
 
 
 @pytest.fixture
-def tiny_project(tmp_path) -> Path:
+def tiny_project(tmp_path, shipped_params_text) -> Path:
     """A project folder: the shipped params.yaml with tiny values, and a tiny snapshot."""
     project = tmp_path / "project"
     project.mkdir()
-    (project / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    (project / "params.yaml").write_text(shipped_params_text)
     edit_params(project / "params.yaml", {f"{s}.{k}": v for s, kv in TINY_PARAMS.items() for k, v in kv.items()})
     edit_params(project / "params.yaml", {"profiles": None})  # the cpu profile would scale the tiny run up
     write_tiny_snapshot(project / "data" / "snapshot", 32, 12, games=("Breakout-v4",))
@@ -128,3 +128,13 @@ def run_module(module: str, *args: str, cwd: Path, timeout: float = 300) -> subp
     """`python -m src.<module> args...` in `cwd`, as a user would run it."""
     return subprocess.run([sys.executable, "-m", f"src.{module}", *args], cwd=cwd, env=cli_env(cwd),
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def shipped_params_text() -> str:
+    """params.yaml as committed (git HEAD), not the working copy, which `dvc exp run -S ...` rewrites."""
+    try:
+        return subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"the shipped params.yaml is read from git, which is not available here ({exc})")

@@ -288,6 +288,23 @@ def test_features_and_fid_match_torchmetrics_standard_fid(sets, extractor):
     assert ours == pytest.approx(standard, rel=1e-4)
 
 
+def test_fast_cpu_path_gives_the_reference_features(extractor):
+    # The default CPU path (ONNX Runtime) must be the torchmetrics module's maths, resize included:
+    # a wrong resize or scaling moves features by ~0.1-1, fp32 reordering by ~1e-5.
+    assert extractor.backend == "onnxruntime"  # the default for every caller on the CPU
+    reference = fid.InceptionFeatures(extractor.weights, batch_size=3, progress=False, backend="torch")
+    images = atari_frames(3, seed=7)
+    fast, slow = extractor(images), reference(images)
+    assert fast.shape == slow.shape == (3, fid.FEATURE_DIM)
+    assert torch.allclose(fast, slow, rtol=0, atol=1e-4), float((fast - slow).abs().max())
+
+
+def test_fast_path_is_cpu_only():
+    with pytest.raises(ValueError, match="onnxruntime.*on the CPU"):
+        fid.InceptionFeatures(hub_weights_or_fail(), device="cuda", backend="onnxruntime")
+    assert fid.InceptionFeatures(hub_weights_or_fail(), device="cuda").backend == "torch"
+
+
 def test_frechet_distance_equals_torchmetrics_formula():
     from torchmetrics.image.fid import _compute_fid
 
@@ -383,3 +400,24 @@ def test_training_fid_fn_scores_against_cached_training_frames_and_restores_mode
     holdout = fid.real_features(extractor, snapshot, "holdout", cache_dir=tmp_path / "cache")
     assert first != pytest.approx(fid.fid_from_features(holdout, extractor(fake)), rel=1e-3)
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # training subset and holdout features
+
+
+def test_evaluate_reuses_the_training_reference_features(tmp_path):
+    # Train's FID reference (evaluate.num_samples training frames) is the evaluate stage's floor
+    # subset: one Inception pass per snapshot, whichever stage (or tune trial) comes first.
+    from src.evaluate import evaluate_generator
+    from src.models import Generator
+
+    snapshot = load_snapshot(make_snapshot(tmp_path / "snap", n_train=12, n_holdout=8))
+    params = parse_params({"seed": 3, "model": {"latent_dim": 16, "gen_filters": 8},
+                           "train": {"fid_samples": 4}, "evaluate": {"batch_size": 8, "num_samples": 6}})
+    cache = tmp_path / "cache"
+    fid.make_fid_fn(snapshot, params, "cpu", cache_dir=cache)
+    assert len(list(cache.glob("*.pt"))) == 1
+    fresh = fid.InceptionFeatures(hub_weights_or_fail(), batch_size=8, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # small-sample warnings
+        evaluate_generator(Generator(latent_dim=16, filters=8), snapshot, fresh, latent_dim=16, num_samples=6,
+                           kid_subset_size=4, seed=3, batch_size=8, cache_dir=cache)
+    assert fresh.images_seen == 6 + 8  # generated + holdout; the 6 training frames came from the cache
+    assert len(list(cache.glob("*.pt"))) == 2

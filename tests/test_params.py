@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from src.params import (
     ARTICLE_MODEL,
     ARTICLE_TRAIN,
-    REPO_ROOT,
     CollectParams,
     Params,
     ParamsError,
@@ -18,14 +18,18 @@ from src.params import (
 )
 
 
+def shipped(text: str) -> Params:
+    return parse_params(yaml.safe_load(text), source="HEAD:params.yaml")
+
+
 def error_of(raw) -> str:
     with pytest.raises(ParamsError) as info:
         parse_params(raw)
     return str(info.value)
 
 
-def test_shipped_params_load():
-    params = load_params(REPO_ROOT / "params.yaml")
+def test_shipped_params_load(shipped_params_text):
+    params = shipped(shipped_params_text)
     assert params.collect.games == ["Breakout-v4", "AirRaid-v4", "Pong-v4"]
     assert params.collect.train_frames > 0 and params.collect.holdout_frames > 0
     assert params.train.device in {"auto", "cpu", "cuda"} or params.train.device.startswith("cuda:")
@@ -35,10 +39,10 @@ def test_empty_file_gives_defaults():
     assert parse_params(None) == Params()
 
 
-def test_shipped_params_yaml_holds_the_code_defaults():
+def test_shipped_params_yaml_holds_the_code_defaults(shipped_params_text):
     # One source of truth: a key left out of params.yaml behaves as the shipped file says. The cpu profile
     # is the exception: it lives only in params.yaml, so a file without one runs as written anywhere.
-    assert load_params(REPO_ROOT / "params.yaml").model_copy(update={"profiles": {}}) == Params()
+    assert shipped(shipped_params_text).model_copy(update={"profiles": {}}) == Params()
 
 
 @pytest.mark.parametrize(
