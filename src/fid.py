@@ -50,6 +50,9 @@ UNBIASED_MIN_SAMPLES = 2048  # below this FID is noticeably biased upwards (rank
 KID_SUBSETS = 100  # torchmetrics' default
 CACHE_VERSION = 1
 SELECTION_SEED = 0  # which training frames stand in for "a perfect generator" never changes with params
+# Latent streams drawn from params.seed: best-step selection during training and the final evaluate
+# scoring use independent noise, so the final FID is not scored on the samples that chose the step.
+LATENT_STREAMS = {"selection": 1, "evaluate": 2}
 
 
 class InceptionWeightsError(UserError):
@@ -224,6 +227,12 @@ class _Precomputed(nn.Module):
         return features
 
 
+def latent_seed(seed: int, use: str) -> int:
+    """The noise seed for one use (`LATENT_STREAMS`) of `seed`: a SeedSequence child, independent of the others."""
+    sequence = np.random.SeedSequence(seed, spawn_key=(LATENT_STREAMS[use],))
+    return int(sequence.generate_state(1, np.uint64)[0] >> np.uint64(1))  # torch seeds are < 2**63
+
+
 def feature_stats(features: torch.Tensor, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and unbiased covariance in float64, as torchmetrics' FID accumulates them."""
     x = features.to(device=device, dtype=torch.float64)
@@ -341,8 +350,9 @@ def make_fid_fn(snapshot: Snapshot, params: Params, device: str | torch.device,
     The reference is a fixed subset of `evaluate.num_samples` training frames (the subset the
     evaluate stage's floor uses, so the features are shared): choosing the best checkpoint by
     its FID against the holdout would make the final holdout FID optimistic.
-    The returned `fid_fn(step, generator)` draws the same latents every call (seed `seed`), so
-    values at different steps differ by the generator only; it restores the generator's mode.
+    The returned `fid_fn(step, generator)` draws the same latents every call (the "selection"
+    stream of `seed`, independent of the noise `evaluate` scores with), so values at different
+    steps differ by the generator only; it restores the generator's mode.
     """
     from src.params import effective
 
@@ -353,6 +363,7 @@ def make_fid_fn(snapshot: Snapshot, params: Params, device: str | torch.device,
     mu_real, sigma_real = feature_stats(reference, device)
     sqrt_sigma_real = psd_sqrt(sigma_real)
     count = params.train.fid_samples
+    noise_seed = latent_seed(params.seed, "selection")
 
     def fid_fn(step: int, generator: nn.Module) -> float:
         from src.sample import generate_images
@@ -360,7 +371,7 @@ def make_fid_fn(snapshot: Snapshot, params: Params, device: str | torch.device,
         was_training = generator.training
         try:
             generator.eval()
-            fake = generate_images(generator, count, latent_dim=params.model.latent_dim, seed=params.seed,
+            fake = generate_images(generator, count, latent_dim=params.model.latent_dim, seed=noise_seed,
                                    device=device, batch_size=params.evaluate.batch_size)
         finally:
             generator.train(was_training)
