@@ -115,15 +115,6 @@ class Drawn(nn.Module):
         return x if self.palette is None else snap_to_palette(x, self.palette.to(x.device))
 
 
-def snap_images(images: np.ndarray, palette: torch.Tensor) -> torch.Tensor:
-    """uint8 frames with each pixel snapped to the nearest `palette` colour (what the generator's palette does)."""
-    from src.data import to_uint8
-    from src.models import snap_to_palette
-
-    x = torch.as_tensor(np.asarray(images)).float().div(127.5).sub(1.0)
-    return torch.cat([to_uint8(snap_to_palette(chunk, palette)) for chunk in x.split(256)])
-
-
 def check_sample_counts(num_samples: int, snapshot: Snapshot) -> None:
     if num_samples < 2:
         raise EvaluateError(f"evaluate.num_samples = {num_samples}: FID needs at least 2 samples (a covariance)")
@@ -189,7 +180,7 @@ def evaluate_generator(generator: nn.Module, snapshot: Snapshot, extractor: fid.
                        latent_dim: int, num_samples: int, kid_subset_size: int, seed: int,
                        batch_size: int = 100, cache_dir: Path | None = None, palette_size: int = 0,
                        coverage_cache_dir: Path | None = None,
-                       min_game_samples: int = MIN_GAME_SAMPLES) -> tuple[dict, torch.Tensor]:
+                       min_game_samples: int | None = None) -> tuple[dict, torch.Tensor]:
     """Every number of metrics/eval.json for `num_samples` screens of `generator`; returns them and the screens.
 
     The screens are drawn from the "evaluate" latent stream of `seed` (fid.latent_seed). `fid` and
@@ -202,6 +193,7 @@ def evaluate_generator(generator: nn.Module, snapshot: Snapshot, extractor: fid.
     from src.models import palette_of
 
     check_sample_counts(num_samples, snapshot)
+    min_game_samples = MIN_GAME_SAMPLES if min_game_samples is None else min_game_samples
     classifier = coverage.game_classifier(snapshot, cache_dir=coverage_cache_dir)
     noise = fid.latent_seed(seed, "evaluate")
     draw = lambda g: generate(g, num_samples, latent_dim=latent_dim, seed=noise, device=extractor.device,  # noqa: E731
@@ -249,8 +241,7 @@ def evaluate_generator(generator: nn.Module, snapshot: Snapshot, extractor: fid.
     if other is not None:
         other_features = extractor(other, desc=f"Inception features (generated, {other_suffix[1:]})")
         metrics.update(set_metrics(other_features, other, holdout, **common, suffix=other_suffix))
-        train_images = snapshot.train_images if train_index is None else snapshot.train_images[train_index]
-        snapped = extractor(snap_images(train_images, palette), desc="Inception features (train, palette)")
+        snapped = fid.real_features(extractor, snapshot, "train", count=len(fake), cache_dir=cache_dir, palette=palette)
         metrics["palette_size"] = len(palette)
         # Both drawings under their own names, whichever one is shipped: like-for-like tables read these.
         metrics["fid_palette" if shipped_palette else "fid_raw"] = metrics["fid"]

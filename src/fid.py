@@ -316,8 +316,11 @@ def real_selection(total: int, count: int | None) -> np.ndarray | None:
 
 
 def real_features(extractor: InceptionFeatures, snapshot: Snapshot, split: str, count: int | None = None,
-                  cache_dir: Path | None = None) -> torch.Tensor:
-    """Features of a snapshot split (all frames, or a fixed subset of `count`), cached on disk."""
+                  cache_dir: Path | None = None, palette: torch.Tensor | None = None) -> torch.Tensor:
+    """Features of a snapshot split (all frames, or a fixed subset of `count`), cached on disk.
+
+    With `palette` ((K, 3) in [-1, 1]), of the frames snapped to it, as a palette generator draws.
+    """
     images = {"train": snapshot.train_images, "holdout": snapshot.holdout_images}[split]
     index = real_selection(len(images), count)
     key_fields = {
@@ -328,6 +331,8 @@ def real_features(extractor: InceptionFeatures, snapshot: Snapshot, split: str, 
         "selection": "all" if index is None else f"random-seed{SELECTION_SEED}",
         **extractor.settings(),
     }
+    if palette is not None:
+        key_fields["palette"] = [[round(float(v), 6) for v in colour] for colour in palette]
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:32]
     path = Path(cache_dir or default_cache_dir()) / f"{key}.pt"
     if path.is_file():
@@ -338,7 +343,11 @@ def real_features(extractor: InceptionFeatures, snapshot: Snapshot, split: str, 
         except Exception as exc:  # a torn or foreign cache file is only a cache miss
             warnings.warn(f"ignoring unreadable FID cache file {path} ({exc}); recomputing", stacklevel=2)
     selected = images if index is None else images[index]
-    features = extractor(selected, desc=f"Inception features ({split})")
+    if palette is not None:
+        from src.models import snap_images
+
+        selected = snap_images(selected, palette)
+    features = extractor(selected, desc=f"Inception features ({split}{', palette' if palette is not None else ''})")
     save_torch_atomic(path, {"key": key_fields, "features": features})
     return features
 
