@@ -185,8 +185,9 @@ def test_raw_generator_is_also_scored_with_the_palette(atari_workdir):
     """The article recipe ships raw screens; evaluate also draws them with params.yaml's palette, like for like."""
     hub_weights_or_fail()
     write_generator(atari_workdir / "models", palette_size=0)
+    article = {**tiny_params(num_samples=20), "train": {"recipe": "article"}}  # model.palette_size stays 16
     with pytest.warns(ev.SmallSampleWarning):
-        metrics = run(atari_workdir, tiny_params(num_samples=20))
+        metrics = run(atari_workdir, article)
     assert metrics["post_processing"] == "none" and metrics["palette_size"] == 16
     assert metrics["fid_raw"] == metrics["fid"] != metrics["fid_palette"]
     assert "precision_palette" in metrics and "coverage_share_palette/Pong-v4" in metrics
