@@ -12,6 +12,10 @@ and a sample grid beside it; `report` turns those files into the table of benchm
     python benchmarks/quality_study.py run article --seed 0       # one recipe, one seed
     python benchmarks/quality_study.py run article custom --seed 0 --seed 1 --threads 1
     python benchmarks/quality_study.py report [--write]
+    python benchmarks/quality_study.py report --yardstick --results-dir DIR [--write]   # like-for-like table
+
+A run's record also holds everything `evaluate` measures (key "eval"): the FID of the same latents drawn
+raw and with the palette, floors, precision/recall, game shares and per-game FID.
 
 Runs of one comparison should share the machine the same way: the study ran them in pairs, each
 process on one torch thread, so both see the same load.
@@ -303,7 +307,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         records = load_records(args.results_dir)
         if args.yardstick:
-            print(yardstick(records))
+            text = yardstick(records)
+            print(text)
+            if args.write:
+                write_block("yardstick", text)
             return
         text = report(records)
         if args.curves:
