@@ -338,6 +338,10 @@ def test_cli_end_to_end_logs_into_the_training_run_and_reuses_the_cache(workdir,
     logged = mlflow.get_run(train_run.info.run_id).data
     assert logged.metrics["eval/fid"] == pytest.approx(metrics["fid"])
     assert logged.metrics["eval/kid_mean"] == pytest.approx(metrics["kid_mean"])
+    for key in ("fid_raw", "fid_floor_palette", "precision", "recall", "coverage_tv", "coverage_share/Breakout-v4",
+                "fid_game_floor/Breakout-v4", "classifier_holdout_accuracy"):
+        assert logged.metrics[f"eval/{key}"] == pytest.approx(metrics[key]), key
+    assert metrics["fid_game/Breakout-v4"] is None and "eval/fid_game/Breakout-v4" not in logged.metrics  # 8 < 50
     assert logged.tags["eval.generator_file"] == "generator.pt"
     assert logged.params["model.latent_dim"] == "16"  # the same run as training
 
