@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> None:
         for size in args.sizes:
             # The generator draws with this palette exactly as one trained with `model.palette_size: size`.
             generator.palette_size, generator.palette = size, palettes.get(size)
-            images = generate_images(generator, args.samples, latent_dim=params.model.latent_dim, seed=params.seed,
-                                     device=args.device)
+            images = generate_images(generator, args.samples, latent_dim=params.model.latent_dim,
+                                     seed=fid.latent_seed(params.seed, "evaluate"), device=args.device)
             features = extractor(images, desc=f"palette {size}")
             row = {"generator": Path(path).name, "palette_size": size,
                    "fid_train": fid.fid_from_features(ref_train, features, args.device),

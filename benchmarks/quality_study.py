@@ -12,6 +12,10 @@ and a sample grid beside it; `report` turns those files into the table of benchm
     python benchmarks/quality_study.py run article --seed 0       # one recipe, one seed
     python benchmarks/quality_study.py run article custom --seed 0 --seed 1 --threads 1
     python benchmarks/quality_study.py report [--write]
+    python benchmarks/quality_study.py report --yardstick --results-dir DIR [--write]   # like-for-like table
+
+A run's record also holds everything `evaluate` measures (key "eval"): the FID of the same latents drawn
+raw and with the palette, floors, precision/recall, game shares and per-game FID.
 
 Runs of one comparison should share the machine the same way: the study ran them in pairs, each
 process on one torch thread, so both see the same load.
@@ -53,6 +57,7 @@ TEXTBOOK = {"train.recipe": "custom", "model.gen_filters": 64, "model.disc_filte
             "model.palette_size": 0, "model.upsample": "transposed", "model.conditional": False}
 SMALL = {**TEXTBOOK, "model.gen_filters": 32, "model.disc_filters": 32, "train.batch_size": 32}
 RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},  # params.yaml as it is
     "article": {"train.recipe": "article"},
     "textbook": TEXTBOOK,  # DCGAN paper settings + EMA, width 64, batch 64
     "small": SMALL,  # width 32, batch 32
@@ -149,7 +154,7 @@ def run_one(recipe: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     extractor = InceptionFeatures(resolve_inception_weights(args.inception_weights), device=device, batch_size=100)
     metrics, fake = evaluate_generator(generator, snapshot, extractor, latent_dim=params.model.latent_dim,
                                        num_samples=args.samples, kid_subset_size=params.evaluate.kid_subset_size,
-                                       seed=seed)
+                                       seed=seed, palette_size=params.model.palette_size)
     name = f"{recipe}-seed{seed}"
     out = Path(args.results_dir)
     save_grid(fake, snapshot.holdout_images, out / f"{name}.png")
@@ -182,6 +187,7 @@ def run_one(recipe: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         "num_generated": metrics["num_generated"],
         "num_real": metrics["num_real"],
         "snapshot_sha256": metrics["snapshot_sha256"],
+        "eval": metrics,  # everything evaluate writes: fid_raw/fid_palette, shares, per-game FID, precision/recall
     }
     save_torch_atomic(out / f"{name}.generator.pt", {"state_dict": kept, "params": params.model_dump()})
     write_json_atomic(out / f"{name}.json", record)
@@ -190,8 +196,8 @@ def run_one(recipe: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
-def load_records() -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(RESULTS_DIR.glob("*.json"))]
+def load_records(results_dir: Path = RESULTS_DIR) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(Path(results_dir).glob("*.json"))]
 
 
 def spread(values: list[float], digits: int = 1) -> str:
@@ -230,6 +236,30 @@ def fid_curves(records: list[dict[str, Any]], recipe: str) -> str:
     return "\n".join(lines)
 
 
+def yardstick(records: list[dict[str, Any]]) -> str:
+    """Like-for-like table of the runs scored with the full evaluate metrics (records with "eval")."""
+    rows = [r for r in records if "eval" in r]
+    if not rows:
+        return "(no run scored with the evaluate metrics yet)"
+    games = [k.split("/", 1)[1] for k in rows[0]["eval"] if k.startswith("coverage_share_snapshot/")]
+    fmt = lambda v, d=1: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
+    head = ("| run | shipped | FID raw | FID palette | precision / recall (shipped) | TV | "
+            + " | ".join(f"{g} share · FID (n)" for g in games) + " |")
+    lines = [head, "|" + "---|" * (6 + len(games))]
+    for r in sorted(rows, key=lambda r: (r["recipe"], r["seed"])):
+        e = r["eval"]
+        cells = [f"{fmt(e['coverage_share/' + g], 2)} · {fmt(e['fid_game/' + g])} ({e['count_game/' + g]})" for g in games]
+        lines.append(f"| {r['recipe']} seed {r['seed']} | {e['post_processing']} | {fmt(e.get('fid_raw'))} | "
+                     f"{fmt(e.get('fid_palette'))} | {e['precision']:.3f} / {e['recall']:.3f} | {e['coverage_tv']:.3f} | "
+                     + " | ".join(cells) + " |")
+    e = rows[0]["eval"]
+    lines.append(
+        f"| floors (real train frames) | – | {fmt(e['fid_holdout_vs_train'])} | {fmt(e.get('fid_floor_palette'))} | – | – | "
+        + " | ".join(f"{fmt(e['coverage_share_snapshot/' + g], 2)} · {fmt(e['fid_game_floor/' + g])}" for g in games)
+        + " |")
+    return "\n".join(lines)
+
+
 def make_snapshot(holdout: int) -> None:
     from src.collect import collect_snapshot, summary
     from src.data import load_snapshot
@@ -262,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     rep = sub.add_parser("report", help="print the table from benchmarks/quality/*.json")
     rep.add_argument("--write", action="store_true", help="also write it into benchmarks/RESULTS.md")
     rep.add_argument("--curves", default=None, help="also list the FID-during-training points of this recipe")
+    rep.add_argument("--yardstick", action="store_true",
+                     help="print the like-for-like table of runs scored with the full evaluate metrics instead")
+    rep.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the runs' json files are")
     args = parser.parse_args(argv)
 
     if args.command == "snapshot":
@@ -273,7 +306,13 @@ def main(argv: list[str] | None = None) -> None:
             for recipe in args.recipes:
                 run_one(recipe, seed, args)
     else:
-        records = load_records()
+        records = load_records(args.results_dir)
+        if args.yardstick:
+            text = yardstick(records)
+            print(text)
+            if args.write:
+                write_block("yardstick", text)
+            return
         text = report(records)
         if args.curves:
             text += "\n\n" + fid_curves(records, args.curves)

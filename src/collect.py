@@ -14,6 +14,12 @@ so no frame is sent between processes. The parent merges shards in shard order, 
 occurrence of each exact frame per (split, game) (moving later frames up over dropped ones), and
 tops a stream up with further shards until its share is reached. So the arrays are bit-identical
 whatever the number of workers.
+
+The holdout is content-disjoint from training: holdout streams merge only once every training
+stream is complete, and then also drop every frame byte-identical to a training frame (random
+rollouts of one game share their first frames), topping up like for any other drop. This holds
+with `dedup` off too: FID against a holdout that contains training frames flatters a generator
+that memorises them.
 """
 
 from __future__ import annotations
@@ -200,6 +206,8 @@ class _Stream:
     dark: int = 0
     duplicates: int = 0
     surplus: int = 0  # frames played after the share was full
+    train_duplicates: int = 0  # holdout frames dropped as exact copies of a training frame
+    forbidden: dict[bytes, int] | None = None  # holdout only: training frame sha256 -> its row
     shards: list[dict[str, int]] = field(default_factory=list)
     next_index: int = 0
     waiting: dict[int, ShardResult | None] = field(default_factory=dict)  # this round's shards
@@ -259,6 +267,11 @@ class _Stream:
                 # Frame i is in the row planned for it, or came back with the result.
                 row = task.slots[i] if i < placed else -1
                 frame = self.images[row] if i < placed else result.frames[i - placed]
+                if self.forbidden is not None:
+                    twin = self.forbidden.get(result.hashes[i])
+                    if twin is not None and np.array_equal(self.images[twin], frame):
+                        self.train_duplicates += 1
+                        continue
                 if self.dedup:
                     digest = result.hashes[i]
                     first = self.seen.get(digest)
@@ -274,6 +287,17 @@ class _Stream:
                     self.seen.setdefault(digest, dest)
                 self.count += 1
         self.round_new = self.count - before
+
+
+def frame_digests(images: np.ndarray, rows: np.ndarray) -> dict[bytes, int]:
+    """sha256 of each frame in `rows` of `images` -> its row (the first row, for repeated frames).
+
+    Hashed in HWC order, as `run_shard` hashes the frames it plays.
+    """
+    digests: dict[bytes, int] = {}
+    for row in rows.tolist():
+        digests.setdefault(hashlib.sha256(np.ascontiguousarray(images[row].transpose(1, 2, 0))).digest(), row)
+    return digests
 
 
 def _resolve_workers(workers: int | None, params: Params) -> int:
@@ -387,15 +411,38 @@ def play(
             tasks, position = [], stream.count
             for index, steps in stream.plan(cfg.shard_frames):
                 seed = shard_seed(params.seed, stream.split, stream.game_index, index)
+                # Holdout frames are always hashed: they are checked against the training frames.
                 tasks.append(ShardTask(stream.split, stream.game_index, index, stream.game, seed, steps,
-                                       cfg.interpolation, cfg.min_mean, cfg.dedup,
+                                       cfg.interpolation, cfg.min_mean, cfg.dedup or stream.split == "holdout",
                                        sink=sink, slots=stream.slots[position : position + steps]))
                 position += steps
             return tasks
 
         by_key = {(s.split, s.game_index): s for s in streams}
+        train_streams = [s for s in streams if s.split == "train"]
+        # Holdout streams whose shards are in but that wait for the training frames to be final.
+        parked: list[_Stream] = []
+
+        def train_final() -> bool:
+            """Whether every training stream is complete; then hand the holdout streams its frames."""
+            if not all(s.count == s.target for s in train_streams):
+                return False
+            if streams[-1].forbidden is None:
+                forbidden = frame_digests(images, np.concatenate([s.slots for s in train_streams]))
+                for s in streams:
+                    if s.split == "holdout":
+                        s.forbidden = forbidden
+            return True
+
+        def advance(stream: _Stream) -> None:
+            stream.merge()
+            tasks = next_round(stream)
+            queue.extendleft(reversed(tasks))  # top-ups first: they gate their stream
+            bar.total += sum(t.steps for t in tasks)
+
         # Longest shards first, so the last ones to finish are short; among equal ones, one shard of
         # each stream in turn, so a worker often gets a stream it already has the env of.
+        train_final()  # no training frames at all: nothing to wait for
         queue = deque(sorted((t for s in streams for t in next_round(s)), key=lambda t: (-t.steps, t.index)))
         from tqdm import tqdm
 
@@ -419,12 +466,17 @@ def play(
                     stream.waiting[result.task.index] = result
                     # A stream plans its next round once all its shards are in, whatever the other
                     # streams do: the plan then depends only on that stream's own frames.
-                    if all(r is not None for r in stream.waiting.values()):
-                        stream.merge()
-                        tasks = next_round(stream)
-                        queue.extendleft(reversed(tasks))  # top-ups first: they gate their stream
-                        bar.total += sum(t.steps for t in tasks)
-                        bar.refresh()
+                    if not all(r is not None for r in stream.waiting.values()):
+                        continue
+                    if stream.split == "holdout" and stream.forbidden is None:
+                        parked.append(stream)  # merged once the training frames are final
+                        continue
+                    advance(stream)
+                    if stream.split == "train" and train_final():
+                        for waiting in sorted(parked, key=lambda s: s.game_index):
+                            advance(waiting)
+                        parked.clear()
+                    bar.refresh()
     finally:
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
@@ -452,6 +504,7 @@ def collect_frames(
             "dark_dropped": stream.dark,
             "duplicates_dropped": stream.duplicates,
             "surplus_dropped": stream.surplus,
+            **({"train_duplicates_dropped": stream.train_duplicates} if stream.split == "holdout" else {}),
             "shards": stream.shards,
         }
     manifest = {
@@ -465,7 +518,9 @@ def collect_frames(
         "image_shape": [3, SIZE, SIZE],
         "layout": "NCHW uint8 RGB; each split's frames of all games shuffled with a seeded permutation",
         "interpolation": cfg.interpolation,
-        "filters": {"min_mean": cfg.min_mean, "min_mean_on": "64x64 resized frame, 0..255", "dedup": cfg.dedup},
+        "filters": {"min_mean": cfg.min_mean, "min_mean_on": "64x64 resized frame, 0..255", "dedup": cfg.dedup,
+                    "holdout_disjoint_from_train": True},
+        "holdout_train_duplicates_dropped": sum(s.train_duplicates for s in streams),
         "agent": "random: env.action_space.sample(); env.reset(seed) and action_space.seed(seed) once per shard",
         "shard_frames": cfg.shard_frames,
         "env_steps": sum(s.env_steps for s in streams),
@@ -511,7 +566,8 @@ def summary(manifest: dict[str, Any], path: Path) -> str:
         f"collect: {counts['train']} train + {counts['holdout']} holdout frames of {len(manifest['games'])} games "
         f"-> {path} | {steps} env steps in {seconds:.1f} s ({steps / max(seconds, 1e-9):.0f} frames/s, "
         f"{manifest['workers']} workers) | dropped {sum(s['dark_dropped'] for s in per_game)} dark, "
-        f"{sum(s['duplicates_dropped'] for s in per_game)} duplicate frames"
+        f"{sum(s['duplicates_dropped'] for s in per_game)} duplicate frames, "
+        f"{manifest.get('holdout_train_duplicates_dropped', 0)} holdout copies of training frames"
     )
 
 

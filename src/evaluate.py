@@ -2,11 +2,16 @@
 
 `python -m src.evaluate` loads the frozen snapshot and the generator to judge (the best
 checkpoint by training-time FID if there is one, else the EMA copy, else the last generator),
-draws `evaluate.num_samples` screens and writes `metrics/eval.json`: FID and KID against the
-holdout frames, the FID of as many training frames against the holdout (what a perfect generator
-would score with this snapshot and sample count), the sample counts and the identity of the
-Inception weights. It also writes `plots/eval/grid.png` (generated screens left, real holdout
-screens right) and logs all of it into the training run in MLflow.
+refuses one trained on another snapshot, draws `evaluate.num_samples` screens from their own latent
+stream (not the one that picked the best step) and writes `metrics/eval.json`: FID and KID against
+the holdout frames; with a palette, the same latents drawn without it (`fid_raw`) or with it
+(`fid_palette`) and the palette-snapped training frames' FID (`fid_floor_palette`); the FID of as
+many training frames against the holdout (what a perfect generator would score with this snapshot
+and sample count); precision/recall; the share of screens a game classifier (src/coverage.py)
+assigns to each game against the snapshot's, and per-game FID; the sample counts and the identity
+of the Inception weights. docs/quality.md says what each number can and cannot tell. It also writes
+`plots/eval/grid.png` (generated screens left, real holdout screens right) and logs all of it into
+the training run in MLflow.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ RUN_FILE = "run.json"
 # Which generator is judged, in order of preference.
 GENERATOR_FILES = ("generator_best.pt", "generator_ema.pt", "generator.pt")
 GRID_IMAGES = 32  # per side
+MIN_GAME_SAMPLES = 50  # generated screens a game needs for its per-game FID to be scored
+PRC_NEIGHBOURHOOD = 3  # k of the k-NN precision/recall (Kynkäänniemi et al. use 3)
 
 
 class EvaluateError(UserError):
@@ -79,6 +86,34 @@ def generate(generator: nn.Module, count: int, *, latent_dim: int, seed: int, de
     return generate_images(generator, count, latent_dim=latent_dim, seed=seed, device=device, batch_size=batch_size)
 
 
+class Drawn(nn.Module):
+    """`generator` with its palette off (`palette` None) or replaced by `palette`: the same weights and latents.
+
+    Puts the generator's own palette back on exit, so use it in a `with` block.
+    """
+
+    def __init__(self, generator: nn.Module, palette: torch.Tensor | None):
+        super().__init__()
+        self.generator, self.palette = generator, palette
+        self.num_classes = getattr(generator, "num_classes", 0)
+        if self.num_classes:
+            self.class_freq = generator.class_freq
+        self._saved = getattr(generator, "palette_size", 0)
+
+    def __enter__(self) -> Drawn:
+        self.generator.palette_size = 0  # Generator.forward snaps only when palette_size > 0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.generator.palette_size = self._saved
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        from src.models import snap_to_palette
+
+        x = self.generator(z) if labels is None else self.generator(z, labels)
+        return x if self.palette is None else snap_to_palette(x, self.palette.to(x.device))
+
+
 def check_sample_counts(num_samples: int, snapshot: Snapshot) -> None:
     if num_samples < 2:
         raise EvaluateError(f"evaluate.num_samples = {num_samples}: FID needs at least 2 samples (a covariance)")
@@ -90,33 +125,137 @@ def check_sample_counts(num_samples: int, snapshot: Snapshot) -> None:
             )
 
 
+def check_snapshot(recorded: str | None, snapshot: Snapshot, generator_path: Path) -> None:
+    """Refuse a generator trained on another snapshot: its FID and its MLflow run belong to that one."""
+    if recorded and recorded != snapshot.sha256:
+        raise EvaluateError(
+            f"{generator_path} was trained on snapshot {recorded[:12]}…, but the snapshot here is "
+            f"{snapshot.sha256[:12]}…; retrain on this snapshot (`dvc repro train`), or bring back the one it "
+            "was trained on (`dvc checkout data/snapshot`)"
+        )
+
+
+def precision_recall(fake: torch.Tensor, real: torch.Tensor) -> dict:
+    """Kynkäänniemi et al. (2019) k-NN precision and recall (k = 3), torch-fidelity's implementation."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    out = prc_features_to_metric(fake.float(), real.float(), prc_neighborhood=PRC_NEIGHBOURHOOD,
+                                 prc_batch_size=10000, save_cpu_ram=False, verbose=False)
+    return {"precision": out["precision"], "recall": out["recall"]}
+
+
+def set_metrics(fake: torch.Tensor, images: torch.Tensor, holdout: torch.Tensor, games: list[str],
+                holdout_labels: np.ndarray, classifier, prc_index: np.ndarray | None, *,
+                min_game_samples: int, device: torch.device, suffix: str = "") -> dict:
+    """FID, precision/recall, game shares and per-game FID of one generated set (`fake`: its features)."""
+    from src import coverage
+
+    real_prc = holdout if prc_index is None else holdout[torch.from_numpy(prc_index)]
+    metrics = {"fid": fid.fid_from_features(holdout, fake, device=device), **precision_recall(fake, real_prc)}
+    predicted = classifier.predict(images)
+    generated_shares = coverage.shares(predicted, len(games))
+    snapshot_shares = coverage.shares(holdout_labels, len(games))
+    metrics["coverage_tv"] = coverage.total_variation(generated_shares, snapshot_shares)
+    for g, game in enumerate(games):
+        mine = torch.from_numpy(predicted == g)
+        count = int(mine.sum())
+        metrics[f"coverage_share/{game}"] = float(generated_shares[g])
+        metrics[f"count_game/{game}"] = count
+        if count < min_game_samples:
+            warnings.warn(
+                f"{game}: {count} of {len(images)} generated screens{suffix and ' (' + suffix[1:] + ')'} are assigned "
+                f"to it, fewer than {min_game_samples}: its per-game FID is not scored (null); raise "
+                "evaluate.num_samples to score it", SmallSampleWarning, stacklevel=3,
+            )
+            metrics[f"fid_game/{game}"] = None
+        else:
+            real = holdout[torch.from_numpy(np.asarray(holdout_labels) == g)]
+            metrics[f"fid_game/{game}"] = fid.fid_from_features(real, fake[mine], device=device)
+    return {f"{k}{suffix}" if "/" not in k else f"{k.split('/')[0]}{suffix}/{k.split('/', 1)[1]}": v
+            for k, v in metrics.items()}
+
+
 def evaluate_generator(generator: nn.Module, snapshot: Snapshot, extractor: fid.InceptionFeatures, *,
                        latent_dim: int, num_samples: int, kid_subset_size: int, seed: int,
-                       batch_size: int = 100, cache_dir: Path | None = None) -> tuple[dict, torch.Tensor]:
-    """FID/KID of `num_samples` generated screens vs the holdout, and the train-vs-holdout floor.
+                       batch_size: int = 100, cache_dir: Path | None = None, palette_size: int = 0,
+                       coverage_cache_dir: Path | None = None,
+                       min_game_samples: int | None = None) -> tuple[dict, torch.Tensor]:
+    """Every number of metrics/eval.json for `num_samples` screens of `generator`; returns them and the screens.
 
-    Returns the metrics and the generated uint8 images. The real sides come from the FID cache.
+    The screens are drawn from the "evaluate" latent stream of `seed` (fid.latent_seed). `fid` and
+    the unsuffixed metrics are of the generator as shipped. With a palette (the generator's own, or
+    else the `palette_size` commonest training colours), the same latents are also drawn the other
+    way (`_raw`: palette off; `_palette`: palette applied) and `fid_floor_palette` scores
+    palette-snapped training frames. Each image set goes through Inception once.
     """
+    from src import coverage
+    from src.models import palette_of
+
     check_sample_counts(num_samples, snapshot)
-    fake = generate(generator, num_samples, latent_dim=latent_dim, seed=seed, device=extractor.device,
-                    batch_size=batch_size)
+    min_game_samples = MIN_GAME_SAMPLES if min_game_samples is None else min_game_samples
+    classifier = coverage.game_classifier(snapshot, cache_dir=coverage_cache_dir)
+    noise = fid.latent_seed(seed, "evaluate")
+    draw = lambda g: generate(g, num_samples, latent_dim=latent_dim, seed=noise, device=extractor.device,  # noqa: E731
+                              batch_size=batch_size)
+    fake = draw(generator)
     fid.check_images(fake, "generated images", shape=snapshot.image_shape)
+    shipped_palette = int(getattr(generator, "palette_size", 0))
+    palette = None
+    if shipped_palette:
+        palette = generator.palette.detach().cpu()
+    elif palette_size:
+        palette = palette_of(snapshot.train_images, palette_size)
+    other, other_suffix = None, ""
+    if palette is not None:
+        with Drawn(generator, None if shipped_palette else palette) as drawn:
+            other = draw(drawn)
+        other_suffix = "_raw" if shipped_palette else "_palette"
 
     holdout = fid.real_features(extractor, snapshot, "holdout", cache_dir=cache_dir)
     train = fid.real_features(extractor, snapshot, "train", count=len(fake), cache_dir=cache_dir)
-    scores = fid.fid_and_kid(holdout, extractor(fake, desc="Inception features (generated)"),
-                             kid_subset_size, seed=seed, device=extractor.device)
+    fake_features = extractor(fake, desc="Inception features (generated)")
+    scores = fid.fid_and_kid(holdout, fake_features, kid_subset_size, seed=seed, device=extractor.device)
     biased = min(len(fake), len(holdout), len(train)) < fid.UNBIASED_MIN_SAMPLES
+    games = snapshot.games
+    holdout_labels = np.asarray(snapshot.holdout_labels)
+    prc_index = fid.real_selection(len(holdout), len(fake))  # as many real as generated: k-NN radii depend on it
+    common = dict(games=games, holdout_labels=holdout_labels, classifier=classifier, prc_index=prc_index,
+                  min_game_samples=min_game_samples, device=extractor.device)
     metrics = {
         **scores,
+        **set_metrics(fake_features, fake, holdout, **common),
+        "post_processing": f"palette{len(palette)}" if shipped_palette else "none",
         "fid_holdout_vs_train": fid.fid_from_features(holdout, train, device=extractor.device),
+    }
+    train_index = fid.real_selection(len(snapshot.train_images), len(fake))
+    train_labels = np.asarray(snapshot.train_labels)
+    train_labels = train_labels if train_index is None else train_labels[train_index]
+    for g, game in enumerate(games):  # what a perfect generator would score per game, at these counts
+        mine = torch.from_numpy(train_labels == g)
+        real = holdout[torch.from_numpy(holdout_labels == g)]
+        metrics[f"fid_game_floor/{game}"] = (fid.fid_from_features(real, train[mine], device=extractor.device)
+                                             if int(mine.sum()) >= 2 and len(real) >= 2 else None)
+    if other is not None:
+        other_features = extractor(other, desc=f"Inception features (generated, {other_suffix[1:]})")
+        metrics.update(set_metrics(other_features, other, holdout, **common, suffix=other_suffix))
+        snapped = fid.real_features(extractor, snapshot, "train", count=len(fake), cache_dir=cache_dir, palette=palette)
+        metrics["palette_size"] = len(palette)
+        # Both drawings under their own names, whichever one is shipped: like-for-like tables read these.
+        metrics["fid_palette" if shipped_palette else "fid_raw"] = metrics["fid"]
+        metrics["fid_floor_palette"] = fid.fid_from_features(holdout, snapped, device=extractor.device)
+    for g, game in enumerate(games):
+        metrics[f"coverage_share_snapshot/{game}"] = float(coverage.shares(holdout_labels, len(games))[g])
+    metrics.update({
+        "classifier_holdout_accuracy": classifier.holdout_accuracy,
         "num_generated": len(fake),
         "num_real": len(holdout),
         "num_train_for_floor": len(train),
+        "num_real_for_prc": len(holdout) if prc_index is None else len(prc_index),
         "biased_sample_size": biased,
+        "latent_stream": "evaluate",
         "weights_sha256": extractor.weights_sha256,
         "snapshot_sha256": snapshot.sha256,
-    }
+    })
     if kid_subset_size > scores["kid_subset_size"]:
         warnings.warn(
             f"evaluate.kid_subset_size = {kid_subset_size} exceeds the sample count; KID used subsets of "
@@ -201,10 +340,20 @@ def log_to_mlflow(metrics: dict, grid: Path, run_file: Path) -> str:
             "eval.generator_file": str(metrics["generator_file"]),
             "eval.weights_sha256": metrics["weights_sha256"],
             "eval.biased_sample_size": str(metrics["biased_sample_size"]),
+            "eval.post_processing": str(metrics.get("post_processing", "")),
         })
         mlflow.log_dict(metrics, "eval/eval.json")
         mlflow.log_artifact(str(grid), artifact_path="eval")
         return run.info.run_id
+
+
+def recorded_snapshot(run_file: Path) -> str | None:
+    """The snapshot digest `src.train` recorded in models/run.json, if any."""
+    try:
+        recorded = json.loads(Path(run_file).read_text())
+        return recorded.get("snapshot_sha256") if isinstance(recorded, dict) else None
+    except (OSError, ValueError):
+        return None
 
 
 def run_evaluation(params: Params, *, snapshot_dir: Path = SNAPSHOT_DIR, models_dir: Path = MODELS_DIR,
@@ -223,9 +372,15 @@ def run_evaluation(params: Params, *, snapshot_dir: Path = SNAPSHOT_DIR, models_
     generator, meta = load_generator_file(generator_path, device)
     if "latent_dim" not in meta:
         raise EvaluateError(f"{generator_path} has no latent_dim in its metadata; retrain with `dvc repro train`")
+    check_snapshot(meta.get("snapshot_sha256") or recorded_snapshot(Path(models_dir) / RUN_FILE), snapshot,
+                   generator_path)
     metrics, fake = evaluate_generator(
         generator, snapshot, extractor, latent_dim=int(meta["latent_dim"]), num_samples=ev.num_samples,
         kid_subset_size=ev.kid_subset_size, seed=params.seed, batch_size=ev.batch_size, cache_dir=cache_dir,
+        # params.yaml's value, before the article recipe turns it off: the article's screens are then
+        # also scored with the palette (fid_palette), like for like with the default's.
+        palette_size=params.model.palette_size,
+        coverage_cache_dir=None if cache_dir is None else Path(cache_dir).parent / "coverage",
     )
     metrics = {**metrics, "generator_file": generator_path.name, **best_training_fid(train_fid_csv)}
     save_grid(fake, snapshot.holdout_images, grid_file)
@@ -237,8 +392,12 @@ def main() -> None:
     params = load_params()
     metrics = run_evaluation(params)
     run_id = log_to_mlflow(metrics, GRID_FILE, MODELS_DIR / RUN_FILE)
+    raw = f"  raw FID {metrics['fid_raw']:.2f}" if "fid_raw" in metrics else ""
+    palette = f"  palette FID {metrics['fid_palette']:.2f}" if "fid_palette" in metrics else ""
     print(
-        f"FID {metrics['fid']:.2f}  KID {metrics['kid_mean']:.4f} ± {metrics['kid_std']:.4f}  "
+        f"FID {metrics['fid']:.2f} ({metrics['post_processing']}){raw}{palette}  KID {metrics['kid_mean']:.4f} ± "
+        f"{metrics['kid_std']:.4f}  precision {metrics['precision']:.3f} recall {metrics['recall']:.3f}  "
+        f"game shares TV {metrics['coverage_tv']:.3f}  "
         f"(floor: holdout vs train FID {metrics['fid_holdout_vs_train']:.2f}; "
         f"{metrics['num_generated']} generated vs {metrics['num_real']} holdout; {metrics['generator_file']}) "
         f"-> {METRICS_FILE}, {GRID_FILE}, MLflow run {run_id}"

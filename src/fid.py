@@ -52,6 +52,9 @@ UNBIASED_MIN_SAMPLES = 2048  # below this FID is noticeably biased upwards (rank
 KID_SUBSETS = 100  # torchmetrics' default
 CACHE_VERSION = 1
 SELECTION_SEED = 0  # which training frames stand in for "a perfect generator" never changes with params
+# Latent streams drawn from params.seed: best-step selection during training and the final evaluate
+# scoring use independent noise, so the final FID is not scored on the samples that chose the step.
+LATENT_STREAMS = {"selection": 1, "evaluate": 2}
 
 
 class InceptionWeightsError(UserError):
@@ -298,6 +301,12 @@ class _Precomputed(nn.Module):
         return features
 
 
+def latent_seed(seed: int, use: str) -> int:
+    """The noise seed for one use (`LATENT_STREAMS`) of `seed`: a SeedSequence child, independent of the others."""
+    sequence = np.random.SeedSequence(seed, spawn_key=(LATENT_STREAMS[use],))
+    return int(sequence.generate_state(1, np.uint64)[0] >> np.uint64(1))  # torch seeds are < 2**63
+
+
 def feature_stats(features: torch.Tensor, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and unbiased covariance in float64, as torchmetrics' FID accumulates them."""
     x = features.to(device=device, dtype=torch.float64)
@@ -381,8 +390,11 @@ def real_selection(total: int, count: int | None) -> np.ndarray | None:
 
 
 def real_features(extractor: InceptionFeatures, snapshot: Snapshot, split: str, count: int | None = None,
-                  cache_dir: Path | None = None) -> torch.Tensor:
-    """Features of a snapshot split (all frames, or a fixed subset of `count`), cached on disk."""
+                  cache_dir: Path | None = None, palette: torch.Tensor | None = None) -> torch.Tensor:
+    """Features of a snapshot split (all frames, or a fixed subset of `count`), cached on disk.
+
+    With `palette` ((K, 3) in [-1, 1]), of the frames snapped to it, as a palette generator draws.
+    """
     images = {"train": snapshot.train_images, "holdout": snapshot.holdout_images}[split]
     index = real_selection(len(images), count)
     key_fields = {
@@ -393,6 +405,8 @@ def real_features(extractor: InceptionFeatures, snapshot: Snapshot, split: str, 
         "selection": "all" if index is None else f"random-seed{SELECTION_SEED}",
         **extractor.settings(),
     }
+    if palette is not None:
+        key_fields["palette"] = [[round(float(v), 6) for v in colour] for colour in palette]
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:32]
     path = Path(cache_dir or default_cache_dir()) / f"{key}.pt"
     if path.is_file():
@@ -403,7 +417,11 @@ def real_features(extractor: InceptionFeatures, snapshot: Snapshot, split: str, 
         except Exception as exc:  # a torn or foreign cache file is only a cache miss
             warnings.warn(f"ignoring unreadable FID cache file {path} ({exc}); recomputing", stacklevel=2)
     selected = images if index is None else images[index]
-    features = extractor(selected, desc=f"Inception features ({split})")
+    if palette is not None:
+        from src.models import snap_images
+
+        selected = snap_images(selected, palette)
+    features = extractor(selected, desc=f"Inception features ({split}{', palette' if palette is not None else ''})")
     save_torch_atomic(path, {"key": key_fields, "features": features})
     return features
 
@@ -415,8 +433,9 @@ def make_fid_fn(snapshot: Snapshot, params: Params, device: str | torch.device,
     The reference is a fixed subset of `evaluate.num_samples` training frames (the subset the
     evaluate stage's floor uses, so the features are shared): choosing the best checkpoint by
     its FID against the holdout would make the final holdout FID optimistic.
-    The returned `fid_fn(step, generator)` draws the same latents every call (seed `seed`), so
-    values at different steps differ by the generator only; it restores the generator's mode.
+    The returned `fid_fn(step, generator)` draws the same latents every call (the "selection"
+    stream of `seed`, independent of the noise `evaluate` scores with), so values at different
+    steps differ by the generator only; it restores the generator's mode.
     """
     from src.params import effective
 
@@ -427,13 +446,14 @@ def make_fid_fn(snapshot: Snapshot, params: Params, device: str | torch.device,
     mu_real, sigma_real = feature_stats(reference, device)
     sqrt_sigma_real = psd_sqrt(sigma_real)
     count = params.train.fid_samples
+    noise_seed = latent_seed(params.seed, "selection")
 
     def fid_fn(step: int, generator: nn.Module) -> float:
         from src.models import eval_mode
         from src.sample import generate_images
 
         with eval_mode(generator):
-            fake = generate_images(generator, count, latent_dim=params.model.latent_dim, seed=params.seed,
+            fake = generate_images(generator, count, latent_dim=params.model.latent_dim, seed=noise_seed,
                                    device=device, batch_size=params.evaluate.batch_size)
         check_images(fake, f"generated images at step {step}", shape=snapshot.image_shape)
         mu, sigma = feature_stats(extractor(fake, desc=f"FID at step {step}"), device)

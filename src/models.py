@@ -122,6 +122,14 @@ def snap_to_palette(x: torch.Tensor, palette: torch.Tensor) -> torch.Tensor:
     return snapped.to(x.dtype).contiguous()
 
 
+def snap_images(images: np.ndarray | torch.Tensor, palette: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """uint8 (N, 3, H, W) frames with each pixel snapped to its nearest `palette` colour, as uint8."""
+    from src.data import to_uint8
+
+    x = torch.as_tensor(np.array(images)).float().div(127.5).sub(1.0)
+    return torch.cat([to_uint8(snap_to_palette(c, palette.float())) for c in x.split(chunk)])
+
+
 def palette_of(images: np.ndarray, size: int, every: int = 10) -> torch.Tensor:
     """The `size` commonest colours of uint8 (N, 3, H, W) frames (every `every`-th frame), as (size, 3) in [-1, 1].
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,43 +21,92 @@ import yaml
 
 import src.evaluate as ev
 import src.fid as fid
-from src.atomic import file_sha256
-from src.data import SnapshotError, load_snapshot
+from src.data import SnapshotError, file_sha256, load_snapshot, write_snapshot
 from src.params import REPO_ROOT, ParamsError, parse_params
 
 TINY = {"seed": 0, "model": {"latent_dim": 16, "gen_filters": 8, "disc_filters": 8},
         "evaluate": {"num_samples": 10, "batch_size": 16, "kid_subset_size": 1000, "device": "cpu"}}
 
 
+def hub_weights_or_fail() -> Path:
+    path = fid.hub_weights_path()
+    if not path.is_file():
+        pytest.fail(f"InceptionV3 weights are missing at {path}: run `python -m src.inception_weights` "
+                    "before the tests (CI does)")
+    return path
+
+
 def tiny_params(**evaluate) -> dict:
     return {**TINY, "evaluate": {**TINY["evaluate"], **evaluate}}
 
 
-def write_generator(models: Path, name: str = "generator.pt", seed: int = 0) -> Path:
-    """A generator file exactly as `src.train` writes it."""
-    from src.models import Generator, model_kwargs
+def make_snapshot(path: Path, n_train: int = 12, n_holdout: int = 10, size: int = 64, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    frames = lambda n: rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8)  # noqa: E731
+    arrays = {"train_images": frames(n_train), "train_labels": np.zeros(n_train, np.uint8),
+              "holdout_images": frames(n_holdout), "holdout_labels": np.zeros(n_holdout, np.uint8)}
+    return write_snapshot(path, arrays, {"games": ["Breakout-v4"]})
+
+
+def write_generator(models: Path, name: str = "generator.pt", seed: int = 0, palette_size: int = 16,
+                    snapshot_dir: Path | None = None) -> Path:
+    """A generator file exactly as `src.train` writes it; its palette set from the snapshot's training frames."""
+    from src.models import Generator, model_kwargs, palette_of
     from src.training import generator_payload
 
-    params = parse_params(TINY)
+    params = parse_params({**TINY, "model": {**TINY["model"], "palette_size": palette_size}})
     torch.manual_seed(seed)
-    state = Generator(**model_kwargs(params)["generator"]).state_dict()
+    generator = Generator(**model_kwargs(params)["generator"])
+    if palette_size:
+        # As the trainer does; a palette left at zeros would draw every screen flat grey.
+        train_images = load_snapshot(snapshot_dir, verify=False).train_images if snapshot_dir else None
+        generator.palette.copy_(palette_of(train_images, palette_size) if train_images is not None
+                                else torch.rand(palette_size, 3) * 2 - 1)
+    with torch.no_grad():  # an untrained DCGAN draws ~0 everywhere (one colour): give it BN statistics, as
+        for _ in range(60):  # training does, and a wider output layer, so its screens span the palette
+            generator(torch.randn(16, params.model.latent_dim, 1, 1))
+        generator.pipe[-2].weight.mul_(30)
+    state = generator.state_dict()
     models.mkdir(parents=True, exist_ok=True)
     torch.save(generator_payload(state, params, step=100, kind=name.removesuffix(".pt")), models / name)
     return models / name
 
 
 @pytest.fixture
-def workdir(tmp_path, make_snapshot) -> Path:
-    make_snapshot(tmp_path / "data" / "snapshot", 12, 10, games=("Breakout-v4",))
+def workdir(tmp_path) -> Path:
+    make_snapshot(tmp_path / "data" / "snapshot")
     write_generator(tmp_path / "models")
     return tmp_path
 
 
-def run(workdir: Path, params: dict, **kwargs) -> dict:
+@pytest.fixture(scope="module")
+def atari_snapshot(tmp_path_factory) -> Path:
+    """A real two-game snapshot from the collector (Breakout, Pong), small enough for CPU tests."""
+    from src.collect import collect_snapshot
+    from src.params import CollectParams, Params
+
+    params = Params(seed=0, collect=CollectParams(games=["Breakout-v4", "Pong-v4"], train_frames=120,
+                                                  holdout_frames=40, shard_frames=60))
+    root = tmp_path_factory.mktemp("atari")
+    (root / "cache").mkdir()
+    return collect_snapshot(params, root / "snapshot", workers=1, progress=False)
+
+
+@pytest.fixture
+def atari_workdir(tmp_path, atari_snapshot, monkeypatch) -> Path:
+    shutil.copytree(atari_snapshot, tmp_path / "data" / "snapshot")
+    # One real-feature and classifier cache for all these tests (keyed by the same snapshot digest).
+    (tmp_path / ".cache").symlink_to(atari_snapshot.parent / "cache", target_is_directory=True)
+    write_generator(tmp_path / "models", snapshot_dir=atari_snapshot)
+    monkeypatch.setattr(ev, "MIN_GAME_SAMPLES", 3)  # tiny sample counts: score every game with >= 3 screens
+    return tmp_path
+
+
+def run(workdir: Path, params: dict, cache: Path | None = None, **kwargs) -> dict:
     return ev.run_evaluation(
         parse_params(params), snapshot_dir=workdir / "data" / "snapshot", models_dir=workdir / "models",
         metrics_file=workdir / "metrics" / "eval.json", grid_file=workdir / "plots" / "eval" / "grid.png",
-        train_fid_csv=workdir / "plots" / "train" / "fid.csv", cache_dir=workdir / ".cache" / "fid",
+        train_fid_csv=workdir / "plots" / "train" / "fid.csv", cache_dir=cache or workdir / ".cache" / "fid",
         progress=False, **kwargs,
     )
 
@@ -77,32 +127,126 @@ def test_best_training_fid_from_csv(tmp_path):
     assert ev.best_training_fid(csv_file) == {"best_train_step": 1000, "best_train_fid": 250.25}
 
 
-def test_evaluate_writes_metrics_and_grid(workdir, hub_weights):
-    write_generator(workdir / "models", "generator_ema.pt", seed=1)
+def test_evaluate_writes_metrics_and_grid(atari_workdir):
+    workdir = atari_workdir
+    weights = hub_weights_or_fail()
+    write_generator(workdir / "models", "generator_ema.pt", seed=1, snapshot_dir=workdir / "data" / "snapshot")
     (workdir / "plots" / "train").mkdir(parents=True)
     (workdir / "plots" / "train" / "fid.csv").write_text("step,fid\n100,300.0\n200,280.5\n")
+    snapshot = load_snapshot(workdir / "data" / "snapshot")
+    # The digest training recorded is this snapshot's: accepted.
+    (workdir / "models" / "run.json").write_text(json.dumps({"snapshot_sha256": snapshot.sha256}))
     with pytest.warns(ev.SmallSampleWarning) as caught:
-        metrics = run(workdir, tiny_params())
+        metrics = run(workdir, tiny_params(num_samples=20))
     messages = " ".join(str(w.message) for w in caught)
     assert "biased" in messages and "kid_subset_size" in messages
 
     written = json.loads((workdir / "metrics" / "eval.json").read_text())
     assert written == metrics
     assert written["generator_file"] == "generator_ema.pt"  # EMA preferred over the last generator
-    assert written["num_generated"] == 10 and written["num_real"] == 10 and written["num_train_for_floor"] == 10
+    assert written["num_generated"] == 20 and written["num_real"] == 40 and written["num_train_for_floor"] == 20
+    assert written["num_real_for_prc"] == 20
     assert written["biased_sample_size"] is True
-    assert written["kid_subset_size"] == 10  # clamped from 1000 and recorded
-    assert written["weights_sha256"] == file_sha256(hub_weights)
-    assert written["snapshot_sha256"] == load_snapshot(workdir / "data" / "snapshot").sha256
+    assert written["kid_subset_size"] == 20  # clamped from 1000 and recorded
+    assert written["weights_sha256"] == file_sha256(weights)
+    assert written["snapshot_sha256"] == snapshot.sha256
     assert written["best_train_step"] == 200 and written["best_train_fid"] == 280.5
-    for key in ("fid", "kid_mean", "kid_std", "fid_holdout_vs_train"):
+    for key in ("fid", "kid_mean", "kid_std", "fid_holdout_vs_train", "fid_raw", "fid_floor_palette"):
         assert np.isfinite(written[key]), key
     assert written["fid"] > written["fid_holdout_vs_train"] > 0  # an untrained generator is far off the floor
+    # Shipped with its palette: fid is the palette drawing; the same latents raw score otherwise.
+    assert written["post_processing"] == "palette16" and written["palette_size"] == 16
+    assert written["fid_palette"] == written["fid"] != written["fid_raw"]
+    assert written["fid_floor_palette"] != written["fid_holdout_vs_train"]
+    for key in ("precision", "recall", "precision_raw", "recall_raw"):
+        assert 0 <= written[key] <= 1, key
+    assert written["classifier_holdout_accuracy"] >= 0.99
+    games = ["Breakout-v4", "Pong-v4"]
+    for suffix in ("", "_raw"):
+        shares = [written[f"coverage_share{suffix}/{g}"] for g in games]
+        counts = [written[f"count_game{suffix}/{g}"] for g in games]
+        assert sum(counts) == 20 and shares == pytest.approx([c / 20 for c in counts])
+        assert written[f"coverage_tv{suffix}"] == pytest.approx(0.5 * sum(abs(x - 0.5) for x in shares))
+        for game, count in zip(games, counts):
+            scored = written[f"fid_game{suffix}/{game}"]
+            assert (scored is None) == (count < 3) and (scored is None or np.isfinite(scored)), (game, suffix)
+    assert [written[f"coverage_share_snapshot/{g}"] for g in games] == [0.5, 0.5]
+    assert all(np.isfinite(written[f"fid_game_floor/{g}"]) for g in games)
 
     from torchvision.io import read_image
 
     grid = read_image(str(workdir / "plots" / "eval" / "grid.png"))
     assert grid.shape[0] == 3 and grid.shape[2] > 2 * grid.shape[1]  # generated | real, side by side
+    generated = grid[:, :, : grid.shape[1]]
+    assert torch.unique(generated.reshape(3, -1), dim=1).shape[1] > 3  # several colours, not one flat grey
+
+
+def test_raw_generator_is_also_scored_with_the_palette(atari_workdir):
+    """The article recipe ships raw screens; evaluate also draws them with params.yaml's palette, like for like."""
+    hub_weights_or_fail()
+    write_generator(atari_workdir / "models", palette_size=0)
+    article = {**tiny_params(num_samples=20), "train": {"recipe": "article"}}  # model.palette_size stays 16
+    with pytest.warns(ev.SmallSampleWarning):
+        metrics = run(atari_workdir, article)
+    assert metrics["post_processing"] == "none" and metrics["palette_size"] == 16
+    assert metrics["fid_raw"] == metrics["fid"] != metrics["fid_palette"]
+    assert "precision_palette" in metrics and "coverage_share_palette/Pong-v4" in metrics
+
+
+def test_per_game_fid_warns_when_a_game_has_too_few_screens(atari_workdir, monkeypatch):
+    hub_weights_or_fail()
+    monkeypatch.setattr(ev, "MIN_GAME_SAMPLES", 1000)
+    with pytest.warns(ev.SmallSampleWarning, match="fewer than 1000: its per-game FID is not scored"):
+        metrics = run(atari_workdir, tiny_params(num_samples=10))
+    assert metrics["fid_game/Pong-v4"] is None and metrics["fid_game/Breakout-v4"] is None
+
+
+def test_refuses_a_generator_trained_on_another_snapshot(atari_workdir):
+    (atari_workdir / "models" / "run.json").write_text(json.dumps({"snapshot_sha256": "ab" * 32}))
+    with pytest.raises(ev.EvaluateError, match=r"trained on snapshot abababababab.*dvc repro train"):
+        run(atari_workdir, tiny_params())
+    assert not (atari_workdir / "metrics" / "eval.json").exists()
+
+
+def test_precision_and_recall_take_generated_then_real():
+    """A collapsed generator (all screens near a few real ones) is precise but has low recall."""
+    real = torch.randn(300, 16, generator=torch.Generator().manual_seed(0))
+    collapsed = real[:5].repeat(60, 1) + 1e-3 * torch.randn(300, 16, generator=torch.Generator().manual_seed(1))
+    scores = ev.precision_recall(collapsed, real)
+    assert scores["precision"] == 1.0 and scores["recall"] < 0.2
+    assert ev.precision_recall(real, real) == {"precision": 1.0, "recall": 1.0}
+
+
+def test_evaluate_and_best_step_selection_draw_independent_latents(atari_snapshot, tmp_path):
+    """The final FID is not scored on the noise that picked the best training step."""
+    hub_weights_or_fail()
+
+    class Recorder(torch.nn.Module):
+        num_classes = palette_size = 0
+
+        def __init__(self):
+            super().__init__()
+            self.seen: list[torch.Tensor] = []
+
+        def forward(self, z):
+            self.seen.append(z.detach().cpu().clone())
+            return z[:, :3].tanh().expand(-1, 3, 64, 64)
+
+    snapshot = load_snapshot(atari_snapshot)
+    params = parse_params({**tiny_params(num_samples=6), "train": {"fid_samples": 6}})
+    selection = Recorder()
+    fid_fn = fid.make_fid_fn(snapshot, params, "cpu", cache_dir=tmp_path / "fid")
+    fid_fn(1, selection)
+    fid_fn(2, selection)
+    assert torch.equal(selection.seen[0], selection.seen[1])  # the same noise at every step
+    final = Recorder()
+    extractor = fid.InceptionFeatures(fid.hub_weights_path(), progress=False)
+    with pytest.warns(ev.SmallSampleWarning):
+        ev.evaluate_generator(final, snapshot, extractor, latent_dim=16, num_samples=6, kid_subset_size=6,
+                              seed=params.seed, cache_dir=tmp_path / "fid", coverage_cache_dir=tmp_path / "cov")
+    drawn = torch.cat(final.seen[1:])  # after the 2-image probe
+    assert drawn.shape == selection.seen[0].shape
+    assert not torch.isclose(drawn, selection.seen[0]).any()  # no latent shared, not even a coordinate
 
 
 def test_missing_snapshot(workdir):
@@ -118,15 +262,17 @@ def test_missing_model(workdir):
     assert not (workdir / "metrics" / "eval.json").exists()
 
 
-def test_unreadable_model(workdir, hub_weights):
+def test_unreadable_model(workdir):
+    hub_weights_or_fail()
     (workdir / "models" / "generator.pt").write_bytes(b"half a checkpoint")
     with pytest.raises(ev.UserError, match="generator.pt is not"):
         run(workdir, tiny_params())
     assert not (workdir / "metrics" / "eval.json").exists()
 
 
-def test_mismatched_image_shape(workdir, hub_weights, make_snapshot):
-    make_snapshot(workdir / "data" / "snapshot", 12, 10, size=32)  # 32x32 frames, a 64x64 generator
+def test_mismatched_image_shape(workdir):
+    hub_weights_or_fail()
+    make_snapshot(workdir / "data" / "snapshot", size=32)  # 32x32 frames, a 64x64 generator
     with pytest.raises(fid.FIDInputError, match=r"\(3, 64, 64\) but the real frames are \(3, 32, 32\)"):
         run(workdir, tiny_params())
     assert not (workdir / "metrics" / "eval.json").exists()
@@ -142,13 +288,13 @@ def test_missing_or_unreadable_weights(workdir):
     assert not (workdir / "metrics" / "eval.json").exists()
 
 
-def test_too_few_samples(workdir, make_snapshot):
+def test_too_few_samples(workdir):
     with pytest.raises(ParamsError, match="evaluate.num_samples"):
         parse_params(tiny_params(num_samples=1))
     snapshot = load_snapshot(workdir / "data" / "snapshot")
     with pytest.raises(ev.EvaluateError, match="at least 2"):
         ev.check_sample_counts(1, snapshot)
-    make_snapshot(workdir / "data" / "snapshot", 12, 1)
+    make_snapshot(workdir / "data" / "snapshot", n_holdout=1)
     with pytest.raises(ev.EvaluateError, match="holdout split has 1 frame.*collect.holdout_frames"):
         run(workdir, tiny_params())
     assert not (workdir / "metrics" / "eval.json").exists()
@@ -168,7 +314,8 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
 
 
-def test_cli_end_to_end_logs_into_the_training_run_and_reuses_the_cache(workdir, hub_weights, monkeypatch):
+def test_cli_end_to_end_logs_into_the_training_run_and_reuses_the_cache(workdir, monkeypatch):
+    hub_weights_or_fail()
     import mlflow
 
     from src.tracking import setup
@@ -191,6 +338,10 @@ def test_cli_end_to_end_logs_into_the_training_run_and_reuses_the_cache(workdir,
     logged = mlflow.get_run(train_run.info.run_id).data
     assert logged.metrics["eval/fid"] == pytest.approx(metrics["fid"])
     assert logged.metrics["eval/kid_mean"] == pytest.approx(metrics["kid_mean"])
+    for key in ("fid_raw", "fid_floor_palette", "precision", "recall", "coverage_tv", "coverage_share/Breakout-v4",
+                "fid_game_floor/Breakout-v4", "classifier_holdout_accuracy"):
+        assert logged.metrics[f"eval/{key}"] == pytest.approx(metrics[key]), key
+    assert metrics["fid_game/Breakout-v4"] is None and "eval/fid_game/Breakout-v4" not in logged.metrics  # 8 < 50
     assert logged.tags["eval.generator_file"] == "generator.pt"
     assert logged.params["model.latent_dim"] == "16"  # the same run as training
 

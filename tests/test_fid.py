@@ -395,7 +395,7 @@ def test_training_fid_fn_scores_against_cached_training_frames_and_restores_mode
     # The reference is the evaluate stage's fixed subset of training frames, never the holdout, so
     # keeping the best checkpoint by this FID does not flatter the final holdout FID.
     reference = fid.real_features(extractor, snapshot, "train", count=5, cache_dir=tmp_path / "cache")
-    fake = generate_images(generator.eval(), 6, latent_dim=16, seed=3, device="cpu")
+    fake = generate_images(generator.eval(), 6, latent_dim=16, seed=fid.latent_seed(3, "selection"), device="cpu")
     assert first == pytest.approx(fid.fid_from_features(reference, extractor(fake)), rel=1e-4)
     holdout = fid.real_features(extractor, snapshot, "holdout", cache_dir=tmp_path / "cache")
     assert first != pytest.approx(fid.fid_from_features(holdout, extractor(fake)), rel=1e-3)
