@@ -1,4 +1,4 @@
-"""Files and folders written whole or not at all, and the digest that checks a file.
+"""Files and folders written whole or not at all, the digest that checks a file, and safe torch reads.
 
 Every writer here writes a temporary sibling (`.<name>.tmp-<pid>`), fsyncs it and renames it over
 the target, so a reader never sees half a file and a crash never replaces a good one. The pid in
@@ -91,6 +91,28 @@ def save_torch_atomic(path: Path, payload: Any) -> None:
     with replacing(path) as tmp, open(tmp, "wb") as fh:
         # A file object, not a name: torch names the archive inside after the file, here a temporary.
         torch.save(payload, fh)
+
+
+class UnsafeFileError(Exception):
+    """A torch file that holds more than tensors and plain data (or is no torch file): it was not loaded."""
+
+
+def load_torch_plain(path: Path) -> Any:
+    """`torch.load` of tensors and plain data only (`weights_only=True`): a pickled object that would
+    run code on loading is refused, not run. Raises UnsafeFileError with a one-line reason."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        # torch's weights-only message is long; the line naming the refused object is the useful one.
+        named = [line for line in lines if "Unsupported global" in line or "Unsupported operand" in line]
+        if named:
+            reason = f"it holds objects other than tensors and plain data, which could run code ({named[0]})"
+        else:
+            reason = f"it is not a readable torch file ({type(exc).__name__}: {(lines or [''])[0][:200]})"
+        raise UnsafeFileError(reason) from None
 
 
 def remove_dead_temps(out: Path) -> None:
