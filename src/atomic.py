@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,14 +106,15 @@ def load_torch_plain(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        # torch's weights-only message is long; the line naming the refused object is the useful one.
-        named = [line for line in lines if "Unsupported global" in line or "Unsupported operand" in line]
-        if named:
-            reason = f"it holds objects other than tensors and plain data, which could run code ({named[0]})"
-        else:
-            reason = f"it is not a readable torch file ({type(exc).__name__}: {(lines or [''])[0][:200]})"
-        raise UnsafeFileError(reason) from None
+        text = str(exc)
+        if "Weights only load failed" in text:
+            # torch's message is long and suggests allow-listing; the name of what was refused is what matters.
+            named = re.search(r"GLOBAL ([\w.]+)", text)
+            what = f" ({named.group(1)})" if named else ""
+            raise UnsafeFileError(f"it holds objects other than tensors and plain data{what}, "
+                                  "which could run code on loading") from None
+        first = (text.strip().splitlines() or [""])[0][:200]
+        raise UnsafeFileError(f"it is not a readable torch file ({type(exc).__name__}: {first})") from None
 
 
 def remove_dead_temps(out: Path) -> None:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -212,19 +213,21 @@ def test_a_checkpoint_that_would_run_code_is_refused_unrun(snapshot, tmp_path):
     ckpt_dir.mkdir()
     torch.save({"format": CHECKPOINT_FORMAT, "step": 1, "payload": RunsCode(marker)}, ckpt_dir / "checkpoint.pt")
     before = file_sha256(ckpt_dir / "checkpoint.pt")
-    with pytest.raises(CheckpointError, match=r"refusing to load .*objects other than tensors and plain data.*"
-                                              r"Unsupported global.*delete .*ckpt/ \(or move it away\)"):
+    with pytest.raises(CheckpointError) as err:
         train_gan(tiny(iterations=5), snapshot, checkpoint_dir=ckpt_dir, progress=False)
     assert not marker.exists()
+    assert re.search(r"refusing to load .*objects other than tensors and plain data \(io.open\), which could run code.*"
+                     r"delete .*ckpt/ \(or move it away\)", str(err.value))
     assert file_sha256(ckpt_dir / "checkpoint.pt") == before
 
 
 def test_a_generator_file_that_would_run_code_is_refused_unrun(tmp_path):
     path, marker = tmp_path / "generator.pt", tmp_path / "payload-ran"
     torch.save({"kind": "generator", "state_dict": {}, "payload": RunsCode(marker)}, path)
-    with pytest.raises(GeneratorFileError, match="is not a readable generator file"):
+    with pytest.raises(GeneratorFileError) as err:
         load_generator(path)
     assert not marker.exists()
+    assert "is not a readable generator file" in str(err.value)
 
 
 def test_global_rng_states_survive_a_plain_data_round_trip(tmp_path):

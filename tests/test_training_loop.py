@@ -84,6 +84,9 @@ def test_time_budget_stops_early_with_full_outputs(snapshot, tmp_path):
                  "metrics/train.json", "plots/train/losses.csv", "plots/train/samples.png"):
         assert (tmp_path / "out" / name).is_file(), name
     assert "generator_best.pt" not in written and not (tmp_path / "out/plots/train/fid.csv").exists()
+    # The games recorded (src.sample reads them) are the snapshot's, not params.yaml's three.
+    payload = torch.load(tmp_path / "out/models/generator.pt", weights_only=True)
+    assert params.collect.games != snapshot.games and payload["params"]["collect.games"] == snapshot.games
     metrics = json.loads((tmp_path / "out/metrics/train.json").read_text())
     assert metrics["iterations"] == result.iterations and metrics["stopped_by_time_budget"] is True
     assert {"loss_g", "loss_d", "d_real", "d_fake", "images_per_s", "elapsed_s"} <= set(metrics)
