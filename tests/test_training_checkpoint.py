@@ -221,6 +221,15 @@ def test_a_checkpoint_that_would_run_code_is_refused_unrun(snapshot, tmp_path):
     assert file_sha256(ckpt_dir / "checkpoint.pt") == before
 
 
+def test_an_unreadable_checkpoint_is_refused_not_overwritten(snapshot, tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    ckpt_dir.mkdir()
+    (ckpt_dir / "checkpoint.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match=r"refusing to load .*not a readable torch file"):
+        train_gan(tiny(iterations=5), snapshot, checkpoint_dir=ckpt_dir, progress=False)
+    assert (ckpt_dir / "checkpoint.pt").read_bytes() == b"not a torch file"
+
+
 def test_a_generator_file_that_would_run_code_is_refused_unrun(tmp_path):
     path, marker = tmp_path / "generator.pt", tmp_path / "payload-ran"
     torch.save({"kind": "generator", "state_dict": {}, "payload": RunsCode(marker)}, path)
