@@ -107,14 +107,14 @@ def load_torch_plain(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         text = str(exc)
-        if "Weights only load failed" in text:
-            # torch's message is long and suggests allow-listing; the name of what was refused is what matters.
-            named = re.search(r"GLOBAL ([\w.]+)", text)
-            what = f" ({named.group(1)})" if named else ""
-            raise UnsafeFileError(f"it holds objects other than tensors and plain data{what}, "
+        # torch's message is long and suggests allow-listing; what it refused is the part that matters.
+        named = re.search(r"GLOBAL ([\w.]+)", text)
+        if "Weights only load failed" in text and named:
+            raise UnsafeFileError(f"it holds objects other than tensors and plain data ({named.group(1)}), "
                                   "which could run code on loading") from None
-        first = (text.strip().splitlines() or [""])[0][:200]
-        raise UnsafeFileError(f"it is not a readable torch file ({type(exc).__name__}: {first})") from None
+        detail = re.search(r"Unsupported [^\n]*", text)
+        reason = detail.group(0) if detail else f"{type(exc).__name__}: {(text.strip().splitlines() or [''])[0]}"
+        raise UnsafeFileError(f"it is not a readable file of tensors and plain data ({reason[:200]})") from None
 
 
 def remove_dead_temps(out: Path) -> None:

@@ -4,7 +4,8 @@ A snapshot is a folder of memory-mappable `.npy` arrays (uint8 frames, channels 
 game labels, for the `train` and `holdout` splits) plus `manifest.json`, which records how it was
 made and the sha256 of every array file. `write_snapshot` builds it beside the target and swaps it
 in, so an interrupted write never replaces a good snapshot; `load_snapshot` verifies every file
-against the manifest before anything uses it.
+against the manifest before anything uses it, and `check_collect_params` refuses a snapshot
+collected with other `seed`/`collect` settings than params.yaml has (it was not rebuilt).
 """
 
 from __future__ import annotations
