@@ -148,7 +148,7 @@ def _recorded(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def collect_mismatches(params: Params, manifest: dict[str, Any]) -> list[str]:
-    """`collect.games: ['Pong-v4'] in the snapshot, [...] in params.yaml` for each data-defining setting that differs."""
+    """One `collect.games: ['Pong-v4'] in the snapshot, [...] in params.yaml` per data-defining setting that differs."""
     now = {"seed": params.seed, **{f"collect.{k}": v for k, v in params.collect.model_dump().items()}}
     return [f"{key}: {value!r} in the snapshot, {now[key]!r} in params.yaml"
             for key, value in _recorded(manifest).items() if value != now[key]]

@@ -225,7 +225,8 @@ def test_an_unreadable_checkpoint_is_refused_not_overwritten(snapshot, tmp_path)
     ckpt_dir = tmp_path / "ckpt"
     ckpt_dir.mkdir()
     (ckpt_dir / "checkpoint.pt").write_bytes(b"not a torch file")
-    with pytest.raises(CheckpointError, match=r"refusing to load .*not a readable file of tensors and plain data \(Unsupported operand"):
+    unreadable = r"refusing to load .*not a readable file of tensors and plain data \(Unsupported operand"
+    with pytest.raises(CheckpointError, match=unreadable):
         train_gan(tiny(iterations=5), snapshot, checkpoint_dir=ckpt_dir, progress=False)
     assert (ckpt_dir / "checkpoint.pt").read_bytes() == b"not a torch file"
 

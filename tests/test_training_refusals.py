@@ -127,7 +127,8 @@ def test_only_settings_that_change_the_frames_are_compared(trained):
     # The worker count does not change the frames (src.collect's tests show it): no refusal.
     assert collect_mismatches(parse_params(merged(PARAMS, {"collect": {"workers": 2}})), manifest) == []
     both = collect_mismatches(parse_params(merged(PARAMS, {"seed": 3, "collect": {"min_mean": 1.0}})), manifest)
-    assert both == ["seed: 0 in the snapshot, 3 in params.yaml", "collect.min_mean: 0.01 in the snapshot, 1.0 in params.yaml"]
+    assert both == ["seed: 0 in the snapshot, 3 in params.yaml",
+                    "collect.min_mean: 0.01 in the snapshot, 1.0 in params.yaml"]
     # A snapshot not written by src.collect records only its games: nothing else can be compared.
     assert collect_mismatches(parse_params(PARAMS), {"games": ["Pong-v4"]}) == []
     assert collect_mismatches(parse_params(PARAMS), {"games": ["Breakout-v4"]}) == [
