@@ -1,4 +1,4 @@
-"""Files and folders written whole or not at all, and the digest that checks a file.
+"""Files and folders written whole or not at all, the digest that checks a file, and safe torch reads.
 
 Every writer here writes a temporary sibling (`.<name>.tmp-<pid>`), fsyncs it and renames it over
 the target, so a reader never sees half a file and a crash never replaces a good one. The pid in
@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,6 +92,29 @@ def save_torch_atomic(path: Path, payload: Any) -> None:
     with replacing(path) as tmp, open(tmp, "wb") as fh:
         # A file object, not a name: torch names the archive inside after the file, here a temporary.
         torch.save(payload, fh)
+
+
+class UnsafeFileError(Exception):
+    """A torch file that holds more than tensors and plain data (or is no torch file): it was not loaded."""
+
+
+def load_torch_plain(path: Path) -> Any:
+    """`torch.load` of tensors and plain data only (`weights_only=True`): a pickled object that would
+    run code on loading is refused, not run. Raises UnsafeFileError with a one-line reason."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = str(exc)
+        # torch's message is long and suggests allow-listing; what it refused is the part that matters.
+        named = re.search(r"GLOBAL ([\w.]+)", text)
+        if "Weights only load failed" in text and named:
+            raise UnsafeFileError(f"it holds objects other than tensors and plain data ({named.group(1)}), "
+                                  "which could run code on loading") from None
+        detail = re.search(r"Unsupported [^\n]*", text)
+        reason = detail.group(0) if detail else f"{type(exc).__name__}: {(text.strip().splitlines() or [''])[0]}"
+        raise UnsafeFileError(f"it is not a readable file of tensors and plain data ({reason[:200]})") from None
 
 
 def remove_dead_temps(out: Path) -> None:

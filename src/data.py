@@ -4,7 +4,8 @@ A snapshot is a folder of memory-mappable `.npy` arrays (uint8 frames, channels 
 game labels, for the `train` and `holdout` splits) plus `manifest.json`, which records how it was
 made and the sha256 of every array file. `write_snapshot` builds it beside the target and swaps it
 in, so an interrupted write never replaces a good snapshot; `load_snapshot` verifies every file
-against the manifest before anything uses it.
+against the manifest before anything uses it, and `check_collect_params` refuses a snapshot
+collected with other `seed`/`collect` settings than params.yaml has (it was not rebuilt).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ import torch
 from src.atomic import file_sha256, replacing_dir, write_json_atomic
 from src.errors import UserError
 from src.paths import SNAPSHOT_DIR, SPLITS
+
+if TYPE_CHECKING:
+    from src.params import Params
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -121,6 +125,44 @@ def load_snapshot(path: Path = SNAPSHOT_DIR, verify: bool = True) -> Snapshot:
     except ValueError as exc:
         raise SnapshotError(f"{path} holds an unreadable array ({exc}); {fix}") from None
     return Snapshot(path=path, manifest=manifest, **arrays)
+
+
+def _recorded(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The params a snapshot was collected with, as `src.collect` records them in its manifest.
+
+    `collect.workers` is not among them: it does not change the frames. A manifest without a field
+    (a snapshot not written by `src.collect`) cannot be checked on it.
+    """
+    counts, filters = manifest.get("counts", {}), manifest.get("filters", {})
+    recorded = {
+        "seed": manifest.get("seed"),
+        "collect.games": manifest.get("games"),
+        "collect.train_frames": sum(counts["train"].values()) if "train" in counts else None,
+        "collect.holdout_frames": sum(counts["holdout"].values()) if "holdout" in counts else None,
+        "collect.shard_frames": manifest.get("shard_frames"),
+        "collect.interpolation": manifest.get("interpolation"),
+        "collect.min_mean": filters.get("min_mean"),
+        "collect.dedup": filters.get("dedup"),
+    }
+    return {k: v for k, v in recorded.items() if v is not None}
+
+
+def collect_mismatches(params: Params, manifest: dict[str, Any]) -> list[str]:
+    """One `collect.games: ['Pong-v4'] in the snapshot, [...] in params.yaml` per data-defining setting that differs."""
+    now = {"seed": params.seed, **{f"collect.{k}": v for k, v in params.collect.model_dump().items()}}
+    return [f"{key}: {value!r} in the snapshot, {now[key]!r} in params.yaml"
+            for key, value in _recorded(manifest).items() if value != now[key]]
+
+
+def check_collect_params(params: Params, snapshot: Snapshot) -> None:
+    """Refuse a snapshot collected with other `seed`/`collect` settings than `params` (it would train on other data)."""
+    mismatches = collect_mismatches(params, snapshot.manifest)
+    if mismatches:
+        raise SnapshotError(
+            f"the snapshot at {snapshot.path} was collected with other settings than params.yaml has "
+            f"({'; '.join(mismatches)}), so training would not learn the data the params describe. Rebuild it "
+            "with `dvc repro collect` (or `python -m src.collect`), or set those params back"
+        )
 
 
 def to_unit_range(images_uint8: torch.Tensor) -> torch.Tensor:

@@ -12,13 +12,13 @@ import logging
 import sys
 from typing import Any
 
-from src.data import load_snapshot
+from src.data import check_collect_params, load_snapshot
 from src.errors import run_cli
 from src.profile import load_run_params
 from src.paths import CHECKPOINT_DIR, MODELS_DIR, SNAPSHOT_DIR, TRAIN_METRICS_FILE, TRAIN_PLOTS_DIR
 from src.timing import Stopwatch
 from src.tracking import TrainingRun
-from src.training.checkpoint import checkpoint_meta, training_fingerprint
+from src.training.checkpoint import checkpoint_meta, training_settings
 from src.training.distributed import end_distributed, init_distributed, process_device
 from src.training.loop import TrainingInterrupted, check_snapshot, train_gan
 from src.training.outputs import write_outputs
@@ -37,16 +37,18 @@ def main() -> None:
         with watch.section("data"):
             snapshot = load_snapshot(SNAPSHOT_DIR, verify=rank == 0)
             check_snapshot(snapshot)
+            check_collect_params(params, snapshot)
         fid_fn = None
         meta: dict[str, Any] = {}
         if rank == 0:
+            # Before anything starts: a refused checkpoint must leave the MLflow run it belongs to alone.
+            settings = training_settings(params, snapshot.sha256, device, world)
+            resume_id = checkpoint_meta(CHECKPOINT_DIR, settings, params.train.iterations).get("mlflow_run_id")
             if params.train.fid_every > 0:
                 from src.fid import make_fid_fn
 
                 with watch.section("fid reference"):
                     fid_fn = make_fid_fn(snapshot, params, device)
-            fingerprint = training_fingerprint(params, snapshot.sha256, device, world)
-            resume_id = checkpoint_meta(CHECKPOINT_DIR, fingerprint).get("mlflow_run_id")
             tracker = TrainingRun(params, snapshot, device, world, resume_id)
             meta = {"mlflow_run_id": tracker.run_id}
         result = train_gan(

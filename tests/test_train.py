@@ -31,7 +31,7 @@ def test_missing_snapshot_stops_main_before_training(tmp_path, monkeypatch):
 
 def test_main_tracks_the_run_in_mlflow(tmp_path, monkeypatch, make_snapshot):
     make_snapshot(tmp_path / "data" / "snapshot")
-    params = {"model": TINY_MODEL, "train": {**TINY_TRAIN, "iterations": 6, "log_every": 2, "checkpoint_every": 3,
+    params = {"collect": {"games": ["Pong-v4"]}, "model": TINY_MODEL, "train": {**TINY_TRAIN, "iterations": 6, "log_every": 2, "checkpoint_every": 3,
                                              "image_every": 3, "ema_decay": 0.9}}
     (tmp_path / "params.yaml").write_text(json.dumps(params))
     monkeypatch.chdir(tmp_path)

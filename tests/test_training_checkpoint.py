@@ -1,9 +1,13 @@
-"""Checkpoints (src/training/checkpoint.py): a SIGKILLed run resumes bit for bit, SIGTERM leaves a checkpoint."""
+"""Checkpoints (src/training/checkpoint.py): a SIGKILLed run resumes bit for bit, SIGTERM leaves a checkpoint,
+raised iterations continue exactly, other settings start over or are refused, a file that would run code is refused."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
@@ -11,9 +15,15 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 
-from tests.conftest import TINY_MODEL, TINY_TRAIN
+from src.atomic import file_sha256, load_torch_plain
+from src.sample import GeneratorFileError, load_generator
+from src.training import train_gan
+from src.training.checkpoint import CHECKPOINT_FORMAT, CheckpointError, global_rng_state, set_global_rng_state
+from tests.conftest import TINY_MODEL, TINY_TRAIN, tiny
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,7 +89,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(snapshot, tmp_path):
     wait_for(lambda: ckpt.exists() and progress.exists() and int(progress.read_text() or 0) >= 14, killed)
     killed.send_signal(signal.SIGKILL)
     assert killed.wait(timeout=30) == -signal.SIGKILL
-    step_at_kill = torch.load(ckpt, weights_only=False)["step"]
+    step_at_kill = torch.load(ckpt, weights_only=True)["step"]
     assert 10 <= step_at_kill < 40
     resumed, _ = start_runner(tmp_path, "killed", snapshot.path, params, sleep=0.0)
     _, err = resumed.communicate(timeout=120)
@@ -102,5 +112,141 @@ def test_sigterm_writes_a_checkpoint_and_exits(snapshot, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "interrupted by SIGTERM" in err and "Rerun" in err
-    ckpt = torch.load(Path(cfg["ckpt"]) / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(Path(cfg["ckpt"]) / "checkpoint.pt", weights_only=True)
     assert 4 <= ckpt["step"] < 10_000 and ckpt["step"] % 5_000 != 0
+
+
+# What a checkpoint resumes, refuses or ignores (in-process) ------------------------------------
+
+
+def run_to(iterations: int, ckpt_dir: Path, snapshot, **train):
+    result = train_gan(tiny(iterations=iterations, **train), snapshot, checkpoint_dir=ckpt_dir, progress=False)
+    return result, load_torch_plain(ckpt_dir / "checkpoint.pt")
+
+
+def assert_same_training(a: dict, b: dict) -> None:
+    """Two checkpoints hold bit-equal models, optimisers, EMA, RNG streams and loss history."""
+    assert a["step"] == b["step"] and a["loss_history"] == b["loss_history"]
+    for key in ("model", "rng"):
+        flat_a, flat_b = tree_leaves(a[key]), tree_leaves(b[key])
+        assert len(flat_a) == len(flat_b) > 0
+        for x, y in zip(flat_a, flat_b, strict=True):
+            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+
+
+def tree_leaves(tree):
+    if isinstance(tree, dict):
+        return [leaf for k in sorted(tree, key=str) for leaf in tree_leaves(tree[k])]
+    if isinstance(tree, list | tuple):
+        return [leaf for item in tree for leaf in tree_leaves(item)]
+    return [tree]
+
+
+def test_raising_iterations_continues_bit_for_bit(snapshot, tmp_path, caplog):
+    train = {"ema_decay": 0.9, "augment": "color,translation", "lr_decay": "none"}
+    run_to(10, tmp_path / "grown", snapshot, **train)
+    with caplog.at_level(logging.INFO, logger="src.training"):
+        _, grown = run_to(20, tmp_path / "grown", snapshot, **train)
+    assert "resuming from" in caplog.text and "at iteration 10" in caplog.text
+    _, straight = run_to(20, tmp_path / "straight", snapshot, **train)
+    assert_same_training(grown, straight)
+
+
+def test_linear_decay_with_other_iterations_starts_over_instead_of_mixing_schedules(snapshot, tmp_path, caplog):
+    run_to(10, tmp_path / "grown", snapshot, lr_decay="linear")
+    with caplog.at_level(logging.INFO, logger="src.training"):
+        _, grown = run_to(20, tmp_path / "grown", snapshot, lr_decay="linear")
+    assert "ignoring checkpoint" in caplog.text and "resuming" not in caplog.text
+    assert "train.iterations 10 -> 20, which the train.lr_decay: linear schedule ends at" in caplog.text
+    _, straight = run_to(20, tmp_path / "straight", snapshot, lr_decay="linear")
+    assert_same_training(grown, straight)
+
+
+def test_a_checkpoint_beyond_the_asked_iterations_is_refused_and_left_alone(snapshot, tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    run_to(20, ckpt_dir, snapshot)
+    before = file_sha256(ckpt_dir / "checkpoint.pt")
+    with pytest.raises(CheckpointError) as err:
+        train_gan(tiny(iterations=10), snapshot, checkpoint_dir=ckpt_dir, progress=False)
+    message = str(err.value)
+    assert "has already trained 20 iterations, more than train.iterations: 10" in message
+    assert "Set train.iterations to 20 or more" in message and f"delete {ckpt_dir}/" in message
+    assert file_sha256(ckpt_dir / "checkpoint.pt") == before
+    assert train_gan(tiny(iterations=20), snapshot, checkpoint_dir=ckpt_dir, progress=False).iterations == 20
+
+
+def test_fids_of_other_fid_settings_are_dropped_not_mixed(snapshot, tmp_path, caplog):
+    def fid_fn(offset):
+        return lambda step, gen: offset + step  # later steps score worse: the best stays the first measured
+
+    ckpt_dir = tmp_path / "ckpt"
+    train_gan(tiny(iterations=10, fid_every=5), snapshot, checkpoint_dir=ckpt_dir, fid_fn=fid_fn(0), progress=False)
+    with caplog.at_level(logging.WARNING, logger="src.training"):
+        other = train_gan(tiny(iterations=20, fid_every=5, fid_samples=200), snapshot, checkpoint_dir=ckpt_dir,
+                          fid_fn=fid_fn(100), progress=False)
+    assert "measured with other FID settings (train.fid_samples 500 -> 200)" in caplog.text
+    assert [row["step"] for row in other.fid_history] == [15, 20]
+    assert other.best_step == 15 and other.best_fid == 115
+
+
+def test_equal_fid_settings_keep_the_best_across_a_resume(snapshot, tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    train_gan(tiny(iterations=10, fid_every=5), snapshot, checkpoint_dir=ckpt_dir, fid_fn=lambda s, g: s,
+              progress=False)
+    more = train_gan(tiny(iterations=20, fid_every=5), snapshot, checkpoint_dir=ckpt_dir, fid_fn=lambda s, g: s,
+                     progress=False)
+    assert [row["step"] for row in more.fid_history] == [5, 10, 15, 20] and more.best_step == 5
+
+
+class RunsCode:
+    """Unpickling this calls open(path, "w"): a harmless stand-in for any code a file could run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(snapshot, tmp_path):
+    ckpt_dir, marker = tmp_path / "ckpt", tmp_path / "payload-ran"
+    ckpt_dir.mkdir()
+    torch.save({"format": CHECKPOINT_FORMAT, "step": 1, "payload": RunsCode(marker)}, ckpt_dir / "checkpoint.pt")
+    before = file_sha256(ckpt_dir / "checkpoint.pt")
+    with pytest.raises(CheckpointError) as err:
+        train_gan(tiny(iterations=5), snapshot, checkpoint_dir=ckpt_dir, progress=False)
+    assert not marker.exists()
+    assert re.search(r"refusing to load .*objects other than tensors and plain data \(io.open\), which could run code.*"
+                     r"delete .*ckpt/ \(or move it away\)", str(err.value))
+    assert file_sha256(ckpt_dir / "checkpoint.pt") == before
+
+
+def test_an_unreadable_checkpoint_is_refused_not_overwritten(snapshot, tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    ckpt_dir.mkdir()
+    (ckpt_dir / "checkpoint.pt").write_bytes(b"not a torch file")
+    unreadable = r"refusing to load .*not a readable file of tensors and plain data \(Unsupported operand"
+    with pytest.raises(CheckpointError, match=unreadable):
+        train_gan(tiny(iterations=5), snapshot, checkpoint_dir=ckpt_dir, progress=False)
+    assert (ckpt_dir / "checkpoint.pt").read_bytes() == b"not a torch file"
+
+
+def test_a_generator_file_that_would_run_code_is_refused_unrun(tmp_path):
+    path, marker = tmp_path / "generator.pt", tmp_path / "payload-ran"
+    torch.save({"kind": "generator", "state_dict": {}, "payload": RunsCode(marker)}, path)
+    with pytest.raises(GeneratorFileError) as err:
+        load_generator(path)
+    assert not marker.exists()
+    assert "is not a readable generator file" in str(err.value)
+
+
+def test_global_rng_states_survive_a_plain_data_round_trip(tmp_path):
+    np.random.seed(5)
+    random.seed(5)
+    torch.manual_seed(5)
+    np.random.standard_normal()  # leaves a cached gaussian in numpy's state
+    torch.save(global_rng_state(), tmp_path / "rng.pt")
+    expected = (np.random.standard_normal(3).tolist(), random.random(), torch.rand(2))
+    set_global_rng_state(load_torch_plain(tmp_path / "rng.pt"))
+    drawn = (np.random.standard_normal(3).tolist(), random.random(), torch.rand(2))
+    assert drawn[:2] == expected[:2] and torch.equal(drawn[2], expected[2])

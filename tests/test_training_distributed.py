@@ -75,5 +75,5 @@ def test_ddp_on_cpu_with_two_processes(snapshot, tmp_path):
         if "running" not in key and "num_batches" not in key:  # BN statistics stay per process
             assert torch.equal(value, r1["state"][key]), key  # gradients were averaged: same weights
     assert r0["logs"] == [3, 6] and r1["logs"] == []  # only rank 0 reports
-    ckpt = torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 6 and len(ckpt["rng"]) == 2

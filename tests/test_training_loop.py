@@ -107,6 +107,9 @@ def test_time_budget_stops_early_with_full_outputs(snapshot, tmp_path):
                  "metrics/train.json", "plots/train/losses.csv", "plots/train/samples.png"):
         assert (tmp_path / "out" / name).is_file(), name
     assert "generator_best.pt" not in written and not (tmp_path / "out/plots/train/fid.csv").exists()
+    # The games recorded (src.sample reads them) are the snapshot's, not params.yaml's three.
+    payload = torch.load(tmp_path / "out/models/generator.pt", weights_only=True)
+    assert params.collect.games != snapshot.games and payload["params"]["collect.games"] == snapshot.games
     metrics = json.loads((tmp_path / "out/metrics/train.json").read_text())
     assert metrics["iterations"] == result.iterations and metrics["stopped_by_time_budget"] is True
     assert {"loss_g", "loss_d", "d_real", "d_fake", "images_per_s", "elapsed_s"} <= set(metrics)
@@ -131,7 +134,7 @@ def test_non_finite_loss_stops_with_iteration_and_last_good_checkpoint(snapshot,
     message = str(err.value)
     assert "non-finite loss at iteration 16" in message
     assert f"{ckpt_dir / 'checkpoint.pt'} (iteration 10), is untouched" in message
-    ckpt = torch.load(ckpt_dir / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(ckpt_dir / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 10
     assert all(torch.isfinite(v).all() for v in ckpt["model"]["generator"].values() if v.is_floating_point())
 
@@ -146,5 +149,5 @@ def test_mismatched_checkpoint_is_ignored_and_report_settings_still_resume(snaps
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="src.training"):
         other = train_gan(tiny(iterations=5, lr_d=1e-3), snapshot, checkpoint_dir=ckpt_dir, progress=False)
-    assert "ignoring checkpoint" in caplog.text and "other training params or another snapshot" in caplog.text
+    assert "ignoring checkpoint" in caplog.text and "other training params (train.lr_d 0.00142 -> 0.001)" in caplog.text
     assert other.iterations == 5

@@ -27,10 +27,11 @@ from src.models import cpu_state, eval_mode
 from src.params import IMAGE_SHAPE, Params, effective
 from src.training.checkpoint import (
     checkpoint_path,
+    fid_settings,
     last_good,
     read_checkpoint,
     set_global_rng_state,
-    training_fingerprint,
+    training_settings,
     write_checkpoint,
 )
 from src.training.clock import Clock, StopRequest, lr_scale
@@ -139,11 +140,11 @@ def train_gan(
     _check_games(params, snapshot)
     trainer = GANTrainer(params, snapshot.train_images, device, precision=precision, rank=rank, world_size=world,
                          labels=snapshot.train_labels)
-    fingerprint = training_fingerprint(params, snapshot.sha256, device, world)
+    settings = training_settings(params, snapshot.sha256, device, world)
     run = _Run(params, trainer, rank=rank, world=world, ckpt_path=checkpoint_path(checkpoint_dir),
-               fingerprint=fingerprint, fid_fn=fid_fn, log_fn=log_fn, image_fn=image_fn,
+               settings=settings, fid_fn=fid_fn, log_fn=log_fn, image_fn=image_fn,
                meta=checkpoint_meta or {})
-    run.resume(read_checkpoint(checkpoint_dir, fingerprint))
+    run.resume(read_checkpoint(checkpoint_dir, settings, params.train.iterations))
     stopped_by = run.train(progress)
     if stopped_by == "signal":
         raise run.interrupted()
@@ -154,12 +155,13 @@ class _Run:
     """One call of `train_gan`: the trainer plus everything that lives between its steps."""
 
     def __init__(self, params: Params, trainer: GANTrainer, *, rank: int, world: int, ckpt_path: Path | None,
-                 fingerprint: str, fid_fn: FidFn | None, log_fn: LogFn | None, image_fn: ImageFn | None,
+                 settings: dict[str, Any], fid_fn: FidFn | None, log_fn: LogFn | None, image_fn: ImageFn | None,
                  meta: dict[str, Any]):
         self.params, self.t, self.trainer = params, params.train, trainer
         self.device = trainer.device
         self.rank, self.world = rank, world
-        self.ckpt_path, self.fingerprint, self.meta = ckpt_path, fingerprint, meta
+        self.ckpt_path, self.settings, self.meta = ckpt_path, settings, meta
+        self.fid_settings = fid_settings(params)
         self.fid_fn, self.log_fn, self.image_fn = fid_fn, log_fn, image_fn
         self.fid_on = self.t.fid_every > 0 and (fid_fn is not None or world > 1)
         self.loss_history: list[dict[str, float]] = []
@@ -176,6 +178,8 @@ class _Run:
             self.trainer.load_rng_state(ckpt["rng"][self.rank])
             set_global_rng_state(ckpt["global_rng"])
             self.loss_history, self.fid_history, self.best = ckpt["loss_history"], ckpt["fid_history"], ckpt["best"]
+            if self.fid_history and ckpt["fid_settings"] != self.fid_settings:
+                self._drop_incomparable_fids(ckpt["fid_settings"])
             self.elapsed_before = float(ckpt["elapsed_s"])
             self.last_ckpt_step = self.trainer.step_count
             if self.rank == 0:
@@ -188,6 +192,16 @@ class _Run:
         self.last_means.pop("step", None)
         # Own random stream: logging images must not change the training batches.
         self.grid_rng = torch.Generator().manual_seed(stream_seed(self.params.seed, self.rank, 2))
+
+    def _drop_incomparable_fids(self, then: dict[str, Any]) -> None:
+        # A best step picked across FIDs of other sample counts or references would be meaningless.
+        if self.rank == 0:
+            changed = ", ".join(f"{k} {then.get(k)} -> {v}" for k, v in self.fid_settings.items() if then.get(k) != v)
+            log.warning("the checkpoint's %d FIDs (best %s at iteration %s) were measured with other FID settings "
+                        "(%s): not comparable with new ones, so they and their best generator are dropped",
+                        len(self.fid_history), self.best["fid"], self.best["step"], changed)
+        self.fid_history = []
+        self.best = {"fid": None, "step": None, "state": None}
 
     def _spent(self) -> bool:
         return self.t.time_budget_s is not None and self.clock.elapsed() >= self.t.time_budget_s
@@ -332,10 +346,10 @@ class _Run:
             dist.all_gather_object(rng, trainer.rng_state())
         if self.rank == 0 and self.ckpt_path is not None:
             with self.clock.pause("checkpoints"):
-                write_checkpoint(self.ckpt_path, self.fingerprint, {
+                write_checkpoint(self.ckpt_path, self.settings, {
                     "step": self.step, "elapsed_s": self.clock.elapsed(), "model": trainer.model_state(),
                     "rng": rng, "loss_history": self.loss_history, "fid_history": self.fid_history,
-                    "best": self.best, "meta": self.meta,
+                    "best": self.best, "fid_settings": self.fid_settings, "meta": self.meta,
                 })
         self.last_ckpt_step = self.step
 

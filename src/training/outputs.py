@@ -20,9 +20,17 @@ if TYPE_CHECKING:
     from src.training.loop import TrainResult
 
 
-def generator_payload(state: dict[str, torch.Tensor], params: Params, step: int, kind: str) -> dict[str, Any]:
-    """What a generator file holds: enough to rebuild and run it without params.yaml."""
+def generator_payload(state: dict[str, torch.Tensor], params: Params, step: int, kind: str,
+                      games: list[str] | None = None) -> dict[str, Any]:
+    """What a generator file holds: enough to rebuild and run it without params.yaml.
+
+    `games`: the games of the snapshot it learned; recorded as `collect.games`, which `src.sample`
+    and `src.evaluate` read (params.yaml may name others when the snapshot was not rebuilt).
+    """
     params = effective(params)
+    recorded = flatten(params)
+    if games is not None:
+        recorded["collect.games"] = list(games)
     return {
         "kind": "generator",
         "variant": kind,
@@ -31,7 +39,7 @@ def generator_payload(state: dict[str, torch.Tensor], params: Params, step: int,
         "latent_dim": params.model.latent_dim,
         "image_shape": list(IMAGE_SHAPE),
         "step": step,
-        "params": flatten(params),
+        "params": recorded,
     }
 
 
@@ -64,7 +72,7 @@ def write_models(result: TrainResult, params: Params, snapshot: Snapshot, models
         if state is None:
             path.unlink(missing_ok=True)  # no stale file from an earlier run with other settings
             return
-        save_torch_atomic(path, generator_payload(state, params, step, name.removesuffix(".pt")))
+        save_torch_atomic(path, generator_payload(state, params, step, name.removesuffix(".pt"), games=snapshot.games))
         written[name] = path
 
     save_generator("generator.pt", cpu_state(result.generator), result.iterations)
