@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from src.data import save_torch_atomic
+from src.atomic import save_torch_atomic
 from src.errors import UserError
 
 if TYPE_CHECKING:

@@ -17,7 +17,9 @@ the training run in MLflow.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import logging
 import pickle
 import warnings
 from pathlib import Path
@@ -32,6 +34,8 @@ from src.data import Snapshot, load_snapshot
 from src.device import resolve_device
 from src.errors import UserError, run_cli
 from src.params import Params, load_params
+from src.profile import apply_profile
+from src.timing import Stopwatch
 from src.paths import MODELS_DIR, SNAPSHOT_DIR, TRAIN_PLOTS_DIR
 
 METRICS_FILE = Path("metrics/eval.json")
@@ -356,14 +360,25 @@ def recorded_snapshot(run_file: Path) -> str | None:
         return None
 
 
+def holdout_subset(snapshot: Snapshot, count: int | None) -> Snapshot:
+    """`snapshot` with its holdout cut to a fixed random subset of `count` frames (None or more: all)."""
+    index = fid.real_selection(len(snapshot.holdout_images), count)
+    if index is None:
+        return snapshot
+    return dataclasses.replace(snapshot, holdout_images=snapshot.holdout_images[index],
+                               holdout_labels=snapshot.holdout_labels[index])
+
+
 def run_evaluation(params: Params, *, snapshot_dir: Path = SNAPSHOT_DIR, models_dir: Path = MODELS_DIR,
                    metrics_file: Path = METRICS_FILE, grid_file: Path = GRID_FILE,
                    train_fid_csv: Path = TRAIN_FID_CSV, cache_dir: Path | None = None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, watch: Stopwatch | None = None) -> dict:
     """Everything but MLflow: check inputs, measure, then write the grid and `metrics_file`."""
     ev = params.evaluate
+    watch = watch or Stopwatch()
     device = resolve_device(ev.device, key="evaluate.device")
-    snapshot = load_snapshot(snapshot_dir)
+    with watch.section("data"):
+        snapshot = holdout_subset(load_snapshot(snapshot_dir), ev.holdout_samples)
     check_sample_counts(ev.num_samples, snapshot)
     generator_path = pick_generator(models_dir)
     weights = fid.resolve_inception_weights(ev.inception_weights)
@@ -374,24 +389,32 @@ def run_evaluation(params: Params, *, snapshot_dir: Path = SNAPSHOT_DIR, models_
         raise EvaluateError(f"{generator_path} has no latent_dim in its metadata; retrain with `dvc repro train`")
     check_snapshot(meta.get("snapshot_sha256") or recorded_snapshot(Path(models_dir) / RUN_FILE), snapshot,
                    generator_path)
-    metrics, fake = evaluate_generator(
-        generator, snapshot, extractor, latent_dim=int(meta["latent_dim"]), num_samples=ev.num_samples,
-        kid_subset_size=ev.kid_subset_size, seed=params.seed, batch_size=ev.batch_size, cache_dir=cache_dir,
-        # params.yaml's value, before the article recipe turns it off: the article's screens are then
-        # also scored with the palette (fid_palette), like for like with the default's.
-        palette_size=params.model.palette_size,
-        coverage_cache_dir=None if cache_dir is None else Path(cache_dir).parent / "coverage",
-    )
-    metrics = {**metrics, "generator_file": generator_path.name, **best_training_fid(train_fid_csv)}
-    save_grid(fake, snapshot.holdout_images, grid_file)
-    write_json_atomic(metrics_file, metrics)
+    with watch.section("measuring"):
+        metrics, fake = evaluate_generator(
+            generator, snapshot, extractor, latent_dim=int(meta["latent_dim"]), num_samples=ev.num_samples,
+            kid_subset_size=ev.kid_subset_size, seed=params.seed, batch_size=ev.batch_size, cache_dir=cache_dir,
+            # params.yaml's value, before the article recipe turns it off: the article's screens are then
+            # also scored with the palette (fid_palette), like for like with the default's.
+            palette_size=params.model.palette_size,
+            coverage_cache_dir=None if cache_dir is None else Path(cache_dir).parent / "coverage",
+        )
+    metrics = {**metrics, "profile": params.profile, "generator_file": generator_path.name,
+               **best_training_fid(train_fid_csv)}
+    with watch.section("writing"):
+        save_grid(fake, snapshot.holdout_images, grid_file)
+        write_json_atomic(metrics_file, metrics)
     return metrics
 
 
 def main() -> None:
-    params = load_params()
-    metrics = run_evaluation(params)
-    run_id = log_to_mlflow(metrics, GRID_FILE, MODELS_DIR / RUN_FILE)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # The profile's values, not `effective`: the article recipe's palette_size 0 would hide params.yaml's
+    # palette, with which its screens are also scored (fid_palette), like for like with the default's.
+    params = apply_profile(load_params())
+    watch = Stopwatch()
+    metrics = run_evaluation(params, watch=watch)
+    with watch.section("mlflow"):
+        run_id = log_to_mlflow(metrics, GRID_FILE, MODELS_DIR / RUN_FILE)
     raw = f"  raw FID {metrics['fid_raw']:.2f}" if "fid_raw" in metrics else ""
     palette = f"  palette FID {metrics['fid_palette']:.2f}" if "fid_palette" in metrics else ""
     print(
@@ -402,6 +425,7 @@ def main() -> None:
         f"{metrics['num_generated']} generated vs {metrics['num_real']} holdout; {metrics['generator_file']}) "
         f"-> {METRICS_FILE}, {GRID_FILE}, MLflow run {run_id}"
     )
+    print(watch.summary())
 
 
 if __name__ == "__main__":

@@ -21,11 +21,12 @@ if TYPE_CHECKING:
 
 
 def generator_payload(state: dict[str, torch.Tensor], params: Params, step: int, kind: str,
-                      games: list[str] | None = None) -> dict[str, Any]:
+                      games: list[str] | None = None, snapshot_sha256: str | None = None) -> dict[str, Any]:
     """What a generator file holds: enough to rebuild and run it without params.yaml.
 
     `games`: the games of the snapshot it learned; recorded as `collect.games`, which `src.sample`
     and `src.evaluate` read (params.yaml may name others when the snapshot was not rebuilt).
+    `snapshot_sha256`: that snapshot's digest, which evaluate checks against the current one.
     """
     params = effective(params)
     recorded = flatten(params)
@@ -40,6 +41,7 @@ def generator_payload(state: dict[str, torch.Tensor], params: Params, step: int,
         "image_shape": list(IMAGE_SHAPE),
         "step": step,
         "params": recorded,
+        **({"snapshot_sha256": snapshot_sha256} if snapshot_sha256 else {}),
     }
 
 
@@ -72,7 +74,8 @@ def write_models(result: TrainResult, params: Params, snapshot: Snapshot, models
         if state is None:
             path.unlink(missing_ok=True)  # no stale file from an earlier run with other settings
             return
-        save_torch_atomic(path, generator_payload(state, params, step, name.removesuffix(".pt"), games=snapshot.games))
+        save_torch_atomic(path, generator_payload(state, params, step, name.removesuffix(".pt"), games=snapshot.games,
+                                                  snapshot_sha256=snapshot.sha256))
         written[name] = path
 
     save_generator("generator.pt", cpu_state(result.generator), result.iterations)
