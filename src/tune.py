@@ -198,7 +198,7 @@ def trial_params(params: Params, values: dict[str, float]) -> Params:
 def check_config(params: Params, storage: str) -> None:
     """Everything a trial would trip over that no trial can change; raises before the study is touched."""
     from src.device import resolve_device
-    from src.fid import build_inception, resolve_inception_weights
+    from src.inception import build_inception, resolve_inception_weights
 
     if params.train.recipe == "article":
         raise TuneError("train.recipe is 'article', which fixes lr and betas; set train.recipe: custom to tune them")
@@ -209,7 +209,7 @@ def check_config(params: Params, storage: str) -> None:
 
 def trial_failure_types() -> tuple[type[Exception], ...]:
     """User errors that belong to one trial's sampled values (the study goes on after them)."""
-    from src.fid import FIDInputError
+    from src.inception import FIDInputError
     from src.training import NonFiniteLossError
 
     return (NonFiniteLossError, FIDInputError)
