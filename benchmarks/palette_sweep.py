@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     snapshot = load_snapshot(STUDY_SNAPSHOT, verify=False)
-    extractor = inception.InceptionFeatures(inception.resolve_inception_weights(args.inception_weights), device=args.device,
-                                      batch_size=250)
+    weights = inception.resolve_inception_weights(args.inception_weights)
+    extractor = inception.InceptionFeatures(weights, device=args.device, batch_size=250)
     ref_train = fid.real_features(extractor, snapshot, "train", count=2048)
     ref_holdout = fid.real_features(extractor, snapshot, "holdout")
     palettes = {k: palette_of(snapshot.train_images, k).to(args.device) for k in args.sizes if k}

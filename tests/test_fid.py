@@ -300,10 +300,10 @@ def test_fast_cpu_path_gives_the_reference_features(extractor):
     assert torch.allclose(fast, slow, rtol=0, atol=1e-4), float((fast - slow).abs().max())
 
 
-def test_fast_path_is_cpu_only():
+def test_fast_path_is_cpu_only(hub_weights):
     with pytest.raises(ValueError, match="onnxruntime.*on the CPU"):
-        inception.InceptionFeatures(hub_weights_or_fail(), device="cuda", backend="onnxruntime")
-    assert inception.InceptionFeatures(hub_weights_or_fail(), device="cuda").backend == "torch"
+        inception.InceptionFeatures(hub_weights, device="cuda", backend="onnxruntime")
+    assert inception.InceptionFeatures(hub_weights, device="cuda").backend == "torch"
 
 
 def test_frechet_distance_equals_torchmetrics_formula():
@@ -403,7 +403,7 @@ def test_training_fid_fn_scores_against_cached_training_frames_and_restores_mode
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # training subset and holdout features
 
 
-def test_evaluate_reuses_the_training_reference_features(tmp_path):
+def test_evaluate_reuses_the_training_reference_features(tmp_path, make_snapshot, hub_weights):
     # Train's FID reference (evaluate.num_samples training frames) is the evaluate stage's floor
     # subset: one Inception pass per snapshot, whichever stage (or tune trial) comes first.
     from src.evaluate import evaluate_generator
@@ -415,7 +415,7 @@ def test_evaluate_reuses_the_training_reference_features(tmp_path):
     cache = tmp_path / "cache"
     fid.make_fid_fn(snapshot, params, "cpu", cache_dir=cache)
     assert len(list(cache.glob("*.pt"))) == 1
-    fresh = inception.InceptionFeatures(hub_weights_or_fail(), batch_size=8, progress=False)
+    fresh = inception.InceptionFeatures(hub_weights, batch_size=8, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # small-sample warnings
         evaluate_generator(Generator(latent_dim=16, filters=8), snapshot, fresh, latent_dim=16, num_samples=6,

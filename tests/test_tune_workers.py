@@ -45,7 +45,7 @@ def test_two_workers_on_one_study_lose_nothing_and_repeat_nothing(tiny_project, 
     for worker, output in zip(workers, outputs):
         assert worker.returncode == 0, output
 
-    from src.tune import storage_url
+    from src.study import storage_url
 
     trials = optuna.load_study(study_name=study_name, storage=storage_url(storage)).trials
     assert [t.state.name for t in trials] == ["COMPLETE"] * 4, outputs  # nothing lost, nothing failed
