@@ -146,7 +146,6 @@ def run_shard(task: ShardTask) -> ShardResult:
     return ShardResult(task=task, kept=kept, frames=frames, hashes=hashes, dark=task.steps - kept)
 
 
-
 def _worker_init() -> None:
     cv2.setNumThreads(1)  # one process per core already; OpenCV threads would only contend
 
@@ -159,8 +158,8 @@ def worker_pool(workers: int) -> ProcessPoolExecutor:
     """
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
-        # What this module imports, not the module itself: `python -m src.collect` runs it again
-        # in each worker as the main module, and runpy warns when it is already imported.
+        # What the collect modules import, not src.collect itself: `python -m src.collect` runs it
+        # again in each worker as the main module, and runpy warns when it is already imported.
         context.set_forkserver_preload(["numpy", "cv2", "gymnasium", "ale_py"])
         # Start the server now, not at the first submit: it imports those while the caller works.
         from multiprocessing import forkserver
