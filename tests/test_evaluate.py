@@ -246,7 +246,7 @@ def test_evaluate_and_best_step_selection_draw_independent_latents(atari_snapsho
     with pytest.warns(quality_metrics.SmallSampleWarning):
         ev.evaluate_generator(final, snapshot, extractor, latent_dim=16, num_samples=6, kid_subset_size=6,
                               seed=params.seed, cache_dir=tmp_path / "fid", coverage_cache_dir=tmp_path / "cov")
-    drawn = torch.cat(final.seen[1:])  # after the 2-image probe
+    drawn = torch.cat(final.seen)
     assert drawn.shape == selection.seen[0].shape
     assert not torch.isclose(drawn, selection.seen[0]).any()  # no latent shared, not even a coordinate
 

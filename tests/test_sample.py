@@ -129,7 +129,7 @@ def test_cli_draws_the_generator_evaluate_scores_and_says_which(tmp_path, monkey
     for seed, name in enumerate(reversed(GENERATOR_FILES)):  # generator.pt, generator_ema.pt, generator_best.pt
         torch.manual_seed(seed)
         gen = Generator(16, 8, init="dcgan")
-        save_torch_atomic(models / name, generator_payload(_cpu_state(gen), PARAMS, step=seed, kind="generator"))
+        save_torch_atomic(models / name, generator_payload(cpu_state(gen), PARAMS, step=seed, kind="generator"))
     monkeypatch.chdir(tmp_path)
     for name in GENERATOR_FILES:  # best first, as evaluate picks; then EMA; then the last
         out = main(["--n", "3", "--out", f"s-{name}", "--device", "cpu"])
