@@ -74,19 +74,24 @@ def test_study_runs_three_trials_and_a_rerun_continues_to_six(workdir):
     assert "optuna/optimization_history.png" in artifacts
 
 
-def test_a_failing_trial_is_recorded_and_the_study_goes_on(workdir, monkeypatch):
+def fail_on_call(monkeypatch, failing_call: int) -> None:
+    """Make the `failing_call`-th training of the process raise NonFiniteLossError (as a diverged trial)."""
     import src.training
 
     real_train = src.training.train_gan
     calls = {"n": 0}
 
-    def fails_once(*args, **kwargs):
+    def train(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == failing_call:
             raise src.training.NonFiniteLossError("loss became non-finite at iteration 3")
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(src.training, "train_gan", fails_once)
+    monkeypatch.setattr(src.training, "train_gan", train)
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(workdir, monkeypatch):
+    fail_on_call(monkeypatch, 2)
     storage = f"sqlite:///{workdir / 'optuna.db'}"
     tune.main(["--params", "tiny.yaml", "--storage", storage, "--n-trials", "3"])
     got = states(storage)
@@ -115,18 +120,7 @@ def test_bad_command_line_values_are_clear_errors(workdir, capsys):
 
 
 def test_a_failed_baseline_is_run_again_and_apply_alone_runs_no_trial(workdir, monkeypatch, capsys):
-    import src.training
-
-    real_train = src.training.train_gan
-    calls = {"n": 0}
-
-    def first_fails(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise src.training.NonFiniteLossError("loss became non-finite at iteration 3")
-        return real_train(*args, **kwargs)
-
-    monkeypatch.setattr(src.training, "train_gan", first_fails)
+    fail_on_call(monkeypatch, 1)
     storage = f"sqlite:///{workdir / 'optuna.db'}"
     tune.main(["--params", "tiny.yaml", "--storage", storage, "--n-trials", "2"])
     study = optuna.load_study(study_name="atari-gan", storage=storage)
