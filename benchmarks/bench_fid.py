@@ -1,6 +1,6 @@
 """Benchmark: InceptionV3 feature extraction speed, and evaluate with a cold vs a warm FID cache.
 
-(a) images/s of `src.fid.InceptionFeatures` (torchmetrics' NoTrainInceptionV3, 2048-d features,
+(a) images/s of `src.inception.InceptionFeatures` (torchmetrics' NoTrainInceptionV3, 2048-d features,
 TF1 bilinear resize of 64x64 screens to 299x299, fp32) on the chosen device, after one warm-up
 batch; the device is synchronised before the clock stops.
 (b) `src.evaluate.run_evaluation` (everything the stage does except the MLflow logging, so this runs
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from benchmarks.results_md import machine
-from src import evaluate, fid
+from src import evaluate, fid, inception, quality_metrics
 from src.data import write_snapshot
 from src.params import parse_params
 
@@ -62,7 +62,7 @@ def sync(device: torch.device) -> None:
 
 
 def bench_extraction(weights: Path, device: torch.device, count: int, batch_size: int) -> float:
-    extractor = fid.InceptionFeatures(weights, device=device, batch_size=batch_size, progress=False)
+    extractor = inception.InceptionFeatures(weights, device=device, batch_size=batch_size, progress=False)
     images = torch.from_numpy(screens(count, seed=1))
     extractor(images[: min(batch_size, count)])  # warm-up: build, move, first kernels
     sync(device)
@@ -79,8 +79,8 @@ def noisy(images: np.ndarray, sigma: float, seed: int) -> np.ndarray:
 
 def bench_backends(weights: Path, count: int, chunk: int, batch_size: int) -> dict:
     """Reference (torch) vs fast (default) path on the same 2 x `count` images, chunks alternating."""
-    paths = {"reference": fid.InceptionFeatures(weights, batch_size=batch_size, progress=False, backend="torch"),
-             "fast": fid.InceptionFeatures(weights, batch_size=batch_size, progress=False)}
+    paths = {"reference": inception.InceptionFeatures(weights, batch_size=batch_size, progress=False, backend="torch"),
+             "fast": inception.InceptionFeatures(weights, batch_size=batch_size, progress=False)}
     sets = {"real": torch.from_numpy(screens(count, seed=2)),
             "generated": torch.from_numpy(noisy(screens(count, seed=3), sigma=30, seed=4))}
     for extractor in paths.values():
@@ -140,7 +140,7 @@ def bench_evaluate(device: torch.device, num_samples: int, holdout: int, batch_s
         import warnings
 
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", evaluate.SmallSampleWarning)
+            warnings.simplefilter("ignore", quality_metrics.SmallSampleWarning)
             cold, metrics = once()
             warm, _ = once()
     return cold, warm, metrics
@@ -164,7 +164,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     load = os.getloadavg()[0]  # other work on the machine skews CPU numbers; recorded with them
-    weights = fid.resolve_inception_weights(None, download=False)
+    weights = inception.resolve_inception_weights(None, download=False)
     if args.backends:
         r = bench_backends(weights, args.fid_images, args.chunk, args.batch_size)
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from benchmarks.quality_study import STUDY_SNAPSHOT, with_overrides  # noqa: E402
-from src import fid  # noqa: E402
+from src import fid, inception  # noqa: E402
 from src.atomic import write_json_atomic  # noqa: E402
 from src.data import load_snapshot  # noqa: E402
 from src.models import build_models, palette_of  # noqa: E402
@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     snapshot = load_snapshot(STUDY_SNAPSHOT, verify=False)
-    extractor = fid.InceptionFeatures(fid.resolve_inception_weights(args.inception_weights), device=args.device,
-                                      batch_size=250)
+    weights = inception.resolve_inception_weights(args.inception_weights)
+    extractor = inception.InceptionFeatures(weights, device=args.device, batch_size=250)
     ref_train = fid.real_features(extractor, snapshot, "train", count=2048)
     ref_holdout = fid.real_features(extractor, snapshot, "holdout")
     palettes = {k: palette_of(snapshot.train_images, k).to(args.device) for k in args.sizes if k}

@@ -128,7 +128,8 @@ def run_one(recipe: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     from src.atomic import save_torch_atomic, write_json_atomic
     from src.data import load_snapshot
     from src.evaluate import evaluate_generator, save_grid
-    from src.fid import InceptionFeatures, make_fid_fn, resolve_inception_weights
+    from src.fid import make_fid_fn
+    from src.inception import InceptionFeatures, resolve_inception_weights
     from src.models import build_models
     from src.training import train_gan
 

@@ -4,16 +4,12 @@ Work is cut into shards: a number of env steps from `env.reset(seed=shard_seed)`
 `action_space.seed(shard_seed)`. A shard's seed comes from `np.random.SeedSequence(seed)` with
 spawn key (split, game index, shard index), so train and holdout never share an env stream, and a
 shard's frames depend only on those four numbers (a shorter shard is a prefix of the longer one).
-A worker process keeps one env per (split, game) and reseeds it for each shard: a reset with a seed
-reloads the ROM and reseeds the emulator, so a reused env plays exactly what a fresh one would.
 
-Each frame is resized to 64x64 in the worker, passed through the article's dark-frame test (on
-the small frame) and, with dedup, hashed. A run's frames live in one shared temporary file: a
-shard's task names the rows its frames take if none is dropped, and the worker writes them there,
-so no frame is sent between processes. The parent merges shards in shard order, keeps the first
-occurrence of each exact frame per (split, game) (moving later frames up over dropped ones), and
-tops a stream up with further shards until its share is reached. So the arrays are bit-identical
-whatever the number of workers.
+Worker processes play the shards (src/rollout.py: envs, the frame filter, the shared frame file);
+a shard's task names the rows of the frame file its frames take if none is dropped. The parent
+merges shards in shard order, keeps the first occurrence of each exact frame per (split, game)
+(moving later frames up over dropped ones), and tops a stream up with further shards until its
+share is reached. So the arrays are bit-identical whatever the number of workers.
 
 The holdout is content-disjoint from training: holdout streams merge only once every training
 stream is complete, and then also drop every frame byte-identical to a training frame (random
@@ -24,84 +20,45 @@ that memorises them.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import mmap
-import multiprocessing
 import os
-import platform
-import tempfile
 import threading
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import ale_py
-import cv2
-import gymnasium as gym
 import numpy as np
 
 # Spawned workers import this module: torch (pulled in by src.data) and pydantic (src.params)
 # stay out of the module level, or every worker would pay for importing them.
-from src.atomic import pid_alive
-from src.errors import UserError, run_cli
+from src.errors import run_cli
 from src.paths import SNAPSHOT_DIR, SPLITS
+from src.rollout import (
+    SIZE,
+    CollectError,
+    ShardResult,
+    ShardTask,
+    env_info,
+    frame_digests,
+    frame_file,
+    library_versions,
+    release_worker_state,
+    run_shard,
+    worker_pool,
+)
 
 if TYPE_CHECKING:
     from src.params import Params
 
-SIZE = 64
-FRAME_SHAPE = (3, SIZE, SIZE)
-INTERPOLATIONS = {
-    "linear": cv2.INTER_LINEAR,  # cv2.resize's default, what the article's wrapper uses
-    "area": cv2.INTER_AREA,
-    "nearest": cv2.INTER_NEAREST,
-    "cubic": cv2.INTER_CUBIC,
-}
 SHUFFLE_KEY = (len(SPLITS),)  # a spawn key no shard uses (shard keys have three parts)
 TOPUP_MARGIN = 1.25  # top-up shards play this much more than the yield so far says is needed
 # A reseed costs ~0.09 s (a ROM load), as much as ~400 steps: no tiny top-up shards.
 TOPUP_MIN_STEPS = 500
-
-
-class CollectError(UserError):
-    pass
-
-
-@dataclass(frozen=True, eq=False)
-class ShardTask:
-    """One unit of work: `steps` env steps of `game` from `env.reset(seed=seed)`.
-
-    With a `sink` (the path of the run's shared frame file), the worker writes its first kept
-    frames straight into rows `slots` of that file and returns only the frames beyond them;
-    without one, it returns all its frames.
-    """
-
-    split: str
-    game_index: int
-    index: int
-    game: str
-    seed: int
-    steps: int
-    interpolation: str
-    min_mean: float
-    hash_frames: bool
-    sink: str | None = None
-    slots: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
-
-
-@dataclass
-class ShardResult:
-    task: ShardTask
-    kept: int  # frames that passed the dark-frame filter, in play order
-    frames: np.ndarray  # (n, 3, 64, 64) uint8: the kept frames from number len(task.slots) on
-    hashes: list[bytes]  # sha256 of each kept frame (empty when dedup is off)
-    dark: int  # frames the dark-frame filter dropped
 
 
 def shard_seed(seed: int, split: str, game_index: int, shard_index: int) -> int:
@@ -116,73 +73,6 @@ def game_shares(total: int, n_games: int) -> list[int]:
     return [base + (i < extra) for i in range(n_games)]
 
 
-# Per-process state, kept across shards: envs (a new one costs a second ROM load) and the mapped sink.
-_envs: dict[tuple[str, str], gym.Env] = {}
-_sinks: dict[str, np.ndarray] = {}
-
-
-def worker_env(split: str, game: str) -> gym.Env:
-    """This process's env for (split, game), made on first use; train and holdout never share one."""
-    env = _envs.get((split, game))
-    if env is None:
-        gym.register_envs(ale_py)
-        ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # no banner from every worker
-        env = _envs[(split, game)] = gym.make(game)
-    return env
-
-
-def release_worker_state() -> None:
-    """Close this process's envs and drop its sink mapping."""
-    for env in _envs.values():
-        env.close()
-    _envs.clear()
-    _sinks.clear()
-
-
-def _sink(path: str) -> np.ndarray:
-    if path not in _sinks:
-        _sinks.clear()  # another run's file
-        _sinks[path] = np.memmap(path, np.uint8, "r+").reshape(-1, *FRAME_SHAPE)
-    return _sinks[path]
-
-
-def run_shard(task: ShardTask) -> ShardResult:
-    """Play one shard with a random agent; resize, filter and (optionally) hash every frame.
-
-    The frames depend only on the task: the same task gives the same frames in any process, on
-    a fresh env or on one that played other shards before.
-    """
-    interpolation = INTERPOLATIONS[task.interpolation]
-    threshold = task.min_mean * 3  # cv2.mean gives one mean per channel: compare their sum
-    rows = task.slots.tolist()
-    sink = _sink(task.sink) if rows else None
-    frame = np.empty((SIZE, SIZE, 3), np.uint8)
-    extra: list[np.ndarray] = []  # kept frames with no row planned for them
-    hashes: list[bytes] = []
-    kept = 0
-    env = worker_env(task.split, task.game)
-    # Both seeds are needed for a reproducible rollout: reset(seed) seeds the game, action_space.seed the agent.
-    env.reset(seed=task.seed)
-    env.action_space.seed(task.seed)
-    for _ in range(task.steps):
-        obs, _, terminated, truncated, _ = env.step(env.action_space.sample())
-        cv2.resize(obs, (SIZE, SIZE), dst=frame, interpolation=interpolation)
-        # The article's np.mean(obs) > 0.01, taken on the 64x64 frame: cv2.mean there costs
-        # ~1 us where np.mean on the raw frame costs ~40 us.
-        m = cv2.mean(frame)
-        if m[0] + m[1] + m[2] > threshold:
-            if task.hash_frames:
-                hashes.append(hashlib.sha256(frame).digest())
-            chw = frame.transpose(2, 0, 1)  # HWC -> CHW here, in parallel, as the frame is copied out
-            if kept < len(rows):
-                sink[rows[kept]] = chw
-            else:
-                extra.append(chw.copy())
-            kept += 1
-        if terminated or truncated:
-            env.reset()
-    frames = np.stack(extra) if extra else np.empty((0, *FRAME_SHAPE), np.uint8)
-    return ShardResult(task=task, kept=kept, frames=frames, hashes=hashes, dark=task.steps - kept)
 
 
 @dataclass
@@ -289,17 +179,6 @@ class _Stream:
         self.round_new = self.count - before
 
 
-def frame_digests(images: np.ndarray, rows: np.ndarray) -> dict[bytes, int]:
-    """sha256 of each frame in `rows` of `images` -> its row (the first row, for repeated frames).
-
-    Hashed in HWC order, as `run_shard` hashes the frames it plays.
-    """
-    digests: dict[bytes, int] = {}
-    for row in rows.tolist():
-        digests.setdefault(hashlib.sha256(np.ascontiguousarray(images[row].transpose(1, 2, 0))).digest(), row)
-    return digests
-
-
 def _resolve_workers(workers: int | None, params: Params) -> int:
     workers = params.collect.workers if workers is None else workers
     if workers < 0:
@@ -310,61 +189,10 @@ def _resolve_workers(workers: int | None, params: Params) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _worker_init() -> None:
-    cv2.setNumThreads(1)  # one process per core already; OpenCV threads would only contend
-
-
-def _pool(workers: int) -> ProcessPoolExecutor:
-    """Worker processes that start clean (no copied torch or thread state from the parent).
-
-    forkserver imports this module once and forks each worker from that; spawn (where there is
-    no forkserver) imports it in every worker.
-    """
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        # What this module imports, not the module itself: `python -m src.collect` runs it again
-        # in each worker as the main module, and runpy warns when it is already imported.
-        context.set_forkserver_preload(["numpy", "cv2", "gymnasium", "ale_py"])
-        # Start the server now, not at the first submit: it imports those while the caller works.
-        from multiprocessing import forkserver
-
-        forkserver.ensure_running()
-    else:
-        context = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init)
 
 
 def _touch_pages(array: np.ndarray) -> None:
     int(array.reshape(-1)[:: mmap.PAGESIZE].max())  # numpy lets go of the GIL while it reads
-
-
-def _frame_file(rows: int, scratch: str | os.PathLike | None) -> tuple[str, np.ndarray]:
-    """A temporary file for `rows` frames, mapped shared: workers write frames, the parent reads them.
-
-    Its name holds this process's id: a run that was killed before it could delete its file has
-    the file deleted by the next run in the same folder.
-    """
-    for old in Path(scratch or tempfile.gettempdir()).glob(".collect-*.frames"):
-        pid = old.name.split("-")[1]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            old.unlink(missing_ok=True)
-    fd, path = tempfile.mkstemp(prefix=f".collect-{os.getpid()}-", suffix=".frames", dir=scratch)
-    size = rows * math.prod(FRAME_SHAPE)
-    try:
-        # Reserve the disk space now: a full disk then fails here, not as a SIGBUS in a worker.
-        if hasattr(os, "posix_fallocate"):
-            os.posix_fallocate(fd, 0, size)
-        else:
-            os.ftruncate(fd, size)
-    except OSError as exc:
-        os.unlink(path)
-        raise CollectError(
-            f"cannot reserve {size / 1e6:.0f} MB for the frames in {Path(path).parent} ({exc.strerror}): "
-            "free disk space there or lower collect.train_frames / collect.holdout_frames"
-        ) from None
-    finally:
-        os.close(fd)
-    return path, np.memmap(path, np.uint8, "r+", shape=(rows, *FRAME_SHAPE))
 
 
 def play(
@@ -381,8 +209,8 @@ def play(
         raise CollectError(f"collect.games lists {len(games)} games; labels are uint8, so at most 256 are allowed")
     workers = _resolve_workers(workers, params)
     # First, so that the pool's server process starts (~0.3 s) while this one prepares the run.
-    executor = _pool(workers) if workers > 1 else None  # workers=1 runs here, with no start-up
-    sink, images = _frame_file(cfg.train_frames + cfg.holdout_frames, scratch)  # (no worker runs yet)
+    executor = worker_pool(workers) if workers > 1 else None  # workers=1 runs here, with no start-up
+    sink, images = frame_file(cfg.train_frames + cfg.holdout_frames, scratch)  # (no worker runs yet)
     # Bring the file's pages into memory from a thread, in order, while the pool starts: frames
     # written to shuffled rows would fault in their pages one by one, at ~4x the cost. The thread
     # only reads, so it never races with a worker's writes.
@@ -510,7 +338,7 @@ def collect_frames(
     manifest = {
         "games": games,
         "labels": {str(g): game for g, game in enumerate(games)},
-        "env_ids": {game: _env_info(game) for game in games},
+        "env_ids": {game: env_info(game) for game in games},
         "seed": params.seed,
         "counts": {split: {game: per_game[split][game]["frames"] for game in games} for split in SPLITS},
         "seeds": {split: sorted(s["seed"] for game in games for s in per_game[split][game]["shards"]) for split in SPLITS},
@@ -526,22 +354,10 @@ def collect_frames(
         "env_steps": sum(s.env_steps for s in streams),
         "workers": workers,
         "collect_seconds": round(elapsed, 2),
-        "versions": _versions(),
+        "versions": library_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return arrays, manifest
-
-
-def _env_info(game: str) -> dict[str, Any]:
-    spec = gym.spec(game)
-    return {"id": spec.id, "entry_point": str(spec.entry_point), "kwargs": dict(spec.kwargs)}
-
-
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version(), "opencv": cv2.__version__, "numpy": np.__version__}
-    for package in ("gymnasium", "ale-py"):
-        versions[package] = metadata.version(package)
-    return versions
 
 
 def collect_snapshot(

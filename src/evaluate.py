@@ -9,9 +9,9 @@ the holdout frames; with a palette, the same latents drawn without it (`fid_raw`
 many training frames against the holdout (what a perfect generator would score with this snapshot
 and sample count); precision/recall; the share of screens a game classifier (src/coverage.py)
 assigns to each game against the snapshot's, and per-game FID; the sample counts and the identity
-of the Inception weights. docs/quality.md says what each number can and cannot tell. It also writes
-`plots/eval/grid.png` (generated screens left, real holdout screens right) and logs all of it into
-the training run in MLflow.
+of the Inception weights (the per-set metrics are src/quality_metrics.py's). docs/quality.md says
+what each number can and cannot tell. It also writes `plots/eval/grid.png` (generated screens
+left, real holdout screens right) and logs all of it into the training run in MLflow.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from src import fid
+from src import fid, inception
 from src.atomic import replacing, write_json_atomic
 from src.data import Snapshot, load_snapshot
 from src.device import resolve_device
 from src.errors import UserError, run_cli
 from src.params import Params, load_params
 from src.profile import apply_profile
+from src.quality_metrics import SmallSampleWarning, set_metrics
 from src.timing import Stopwatch
 from src.paths import MODELS_DIR, SNAPSHOT_DIR, TRAIN_PLOTS_DIR
 
@@ -46,14 +47,9 @@ RUN_FILE = "run.json"
 GENERATOR_FILES = ("generator_best.pt", "generator_ema.pt", "generator.pt")
 GRID_IMAGES = 32  # per side
 MIN_GAME_SAMPLES = 50  # generated screens a game needs for its per-game FID to be scored
-PRC_NEIGHBOURHOOD = 3  # k of the k-NN precision/recall (Kynkäänniemi et al. use 3)
 
 
 class EvaluateError(UserError):
-    pass
-
-
-class SmallSampleWarning(UserWarning):
     pass
 
 
@@ -139,47 +135,7 @@ def check_snapshot(recorded: str | None, snapshot: Snapshot, generator_path: Pat
         )
 
 
-def precision_recall(fake: torch.Tensor, real: torch.Tensor) -> dict:
-    """Kynkäänniemi et al. (2019) k-NN precision and recall (k = 3), torch-fidelity's implementation."""
-    from torch_fidelity.metric_prc import prc_features_to_metric
-
-    out = prc_features_to_metric(fake.float(), real.float(), prc_neighborhood=PRC_NEIGHBOURHOOD,
-                                 prc_batch_size=10000, save_cpu_ram=False, verbose=False)
-    return {"precision": out["precision"], "recall": out["recall"]}
-
-
-def set_metrics(fake: torch.Tensor, images: torch.Tensor, holdout: torch.Tensor, games: list[str],
-                holdout_labels: np.ndarray, classifier, prc_index: np.ndarray | None, *,
-                min_game_samples: int, device: torch.device, suffix: str = "") -> dict:
-    """FID, precision/recall, game shares and per-game FID of one generated set (`fake`: its features)."""
-    from src import coverage
-
-    real_prc = holdout if prc_index is None else holdout[torch.from_numpy(prc_index)]
-    metrics = {"fid": fid.fid_from_features(holdout, fake, device=device), **precision_recall(fake, real_prc)}
-    predicted = classifier.predict(images)
-    generated_shares = coverage.shares(predicted, len(games))
-    snapshot_shares = coverage.shares(holdout_labels, len(games))
-    metrics["coverage_tv"] = coverage.total_variation(generated_shares, snapshot_shares)
-    for g, game in enumerate(games):
-        mine = torch.from_numpy(predicted == g)
-        count = int(mine.sum())
-        metrics[f"coverage_share/{game}"] = float(generated_shares[g])
-        metrics[f"count_game/{game}"] = count
-        if count < min_game_samples:
-            warnings.warn(
-                f"{game}: {count} of {len(images)} generated screens{suffix and ' (' + suffix[1:] + ')'} are assigned "
-                f"to it, fewer than {min_game_samples}: its per-game FID is not scored (null); raise "
-                "evaluate.num_samples to score it", SmallSampleWarning, stacklevel=3,
-            )
-            metrics[f"fid_game/{game}"] = None
-        else:
-            real = holdout[torch.from_numpy(np.asarray(holdout_labels) == g)]
-            metrics[f"fid_game/{game}"] = fid.fid_from_features(real, fake[mine], device=device)
-    return {f"{k}{suffix}" if "/" not in k else f"{k.split('/')[0]}{suffix}/{k.split('/', 1)[1]}": v
-            for k, v in metrics.items()}
-
-
-def evaluate_generator(generator: nn.Module, snapshot: Snapshot, extractor: fid.InceptionFeatures, *,
+def evaluate_generator(generator: nn.Module, snapshot: Snapshot, extractor: inception.InceptionFeatures, *,
                        latent_dim: int, num_samples: int, kid_subset_size: int, seed: int,
                        batch_size: int = 100, cache_dir: Path | None = None, palette_size: int = 0,
                        coverage_cache_dir: Path | None = None,
@@ -202,7 +158,7 @@ def evaluate_generator(generator: nn.Module, snapshot: Snapshot, extractor: fid.
     draw = lambda g: generate(g, num_samples, latent_dim=latent_dim, seed=noise, device=extractor.device,  # noqa: E731
                               batch_size=batch_size)
     fake = draw(generator)
-    fid.check_images(fake, "generated images", shape=snapshot.image_shape)
+    inception.check_images(fake, "generated images", shape=snapshot.image_shape)
     shipped_palette = int(getattr(generator, "palette_size", 0))
     palette = None
     if shipped_palette:
@@ -381,8 +337,8 @@ def run_evaluation(params: Params, *, snapshot_dir: Path = SNAPSHOT_DIR, models_
         snapshot = holdout_subset(load_snapshot(snapshot_dir), ev.holdout_samples)
     check_sample_counts(ev.num_samples, snapshot)
     generator_path = pick_generator(models_dir)
-    weights = fid.resolve_inception_weights(ev.inception_weights)
-    extractor = fid.InceptionFeatures(weights, device=device, batch_size=ev.batch_size, progress=progress)
+    weights = inception.resolve_inception_weights(ev.inception_weights)
+    extractor = inception.InceptionFeatures(weights, device=device, batch_size=ev.batch_size, progress=progress)
     extractor.net  # noqa: B018  fail on unreadable weights before any generation
     generator, meta = load_generator_file(generator_path, device)
     if "latent_dim" not in meta:

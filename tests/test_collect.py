@@ -15,20 +15,10 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from src.collect import (
-    SPLITS,
-    CollectError,
-    ShardTask,
-    collect_frames,
-    collect_snapshot,
-    game_shares,
-    release_worker_state,
-    run_shard,
-    shard_seed,
-    worker_env,
-)
+from src.collect import SPLITS, collect_frames, collect_snapshot, game_shares, shard_seed
 from src.data import load_snapshot
 from src.params import REPO_ROOT, CollectParams, Params
+from src.rollout import CollectError, ShardTask, release_worker_state, run_shard, worker_env
 
 TWO_GAMES = ["Breakout-v4", "Pong-v4"]
 

@@ -21,6 +21,8 @@ import yaml
 
 import src.evaluate as ev
 import src.fid as fid
+import src.inception as inception
+import src.quality_metrics as quality_metrics
 from src.data import SnapshotError, file_sha256, load_snapshot, write_snapshot
 from src.params import REPO_ROOT, ParamsError, parse_params
 
@@ -29,7 +31,7 @@ TINY = {"seed": 0, "model": {"latent_dim": 16, "gen_filters": 8, "disc_filters":
 
 
 def hub_weights_or_fail() -> Path:
-    path = fid.hub_weights_path()
+    path = inception.hub_weights_path()
     if not path.is_file():
         pytest.fail(f"InceptionV3 weights are missing at {path}: run `python -m src.inception_weights` "
                     "before the tests (CI does)")
@@ -136,7 +138,7 @@ def test_evaluate_writes_metrics_and_grid(atari_workdir):
     snapshot = load_snapshot(workdir / "data" / "snapshot")
     # The digest training recorded is this snapshot's: accepted.
     (workdir / "models" / "run.json").write_text(json.dumps({"snapshot_sha256": snapshot.sha256}))
-    with pytest.warns(ev.SmallSampleWarning) as caught:
+    with pytest.warns(quality_metrics.SmallSampleWarning) as caught:
         metrics = run(workdir, tiny_params(num_samples=20))
     messages = " ".join(str(w.message) for w in caught)
     assert "biased" in messages and "kid_subset_size" in messages
@@ -186,7 +188,7 @@ def test_raw_generator_is_also_scored_with_the_palette(atari_workdir):
     hub_weights_or_fail()
     write_generator(atari_workdir / "models", palette_size=0)
     article = {**tiny_params(num_samples=20), "train": {"recipe": "article"}}  # model.palette_size stays 16
-    with pytest.warns(ev.SmallSampleWarning):
+    with pytest.warns(quality_metrics.SmallSampleWarning):
         metrics = run(atari_workdir, article)
     assert metrics["post_processing"] == "none" and metrics["palette_size"] == 16
     assert metrics["fid_raw"] == metrics["fid"] != metrics["fid_palette"]
@@ -196,7 +198,7 @@ def test_raw_generator_is_also_scored_with_the_palette(atari_workdir):
 def test_per_game_fid_warns_when_a_game_has_too_few_screens(atari_workdir, monkeypatch):
     hub_weights_or_fail()
     monkeypatch.setattr(ev, "MIN_GAME_SAMPLES", 1000)
-    with pytest.warns(ev.SmallSampleWarning, match="fewer than 1000: its per-game FID is not scored"):
+    with pytest.warns(quality_metrics.SmallSampleWarning, match="fewer than 1000: its per-game FID is not scored"):
         metrics = run(atari_workdir, tiny_params(num_samples=10))
     assert metrics["fid_game/Pong-v4"] is None and metrics["fid_game/Breakout-v4"] is None
 
@@ -212,9 +214,9 @@ def test_precision_and_recall_take_generated_then_real():
     """A collapsed generator (all screens near a few real ones) is precise but has low recall."""
     real = torch.randn(300, 16, generator=torch.Generator().manual_seed(0))
     collapsed = real[:5].repeat(60, 1) + 1e-3 * torch.randn(300, 16, generator=torch.Generator().manual_seed(1))
-    scores = ev.precision_recall(collapsed, real)
+    scores = quality_metrics.precision_recall(collapsed, real)
     assert scores["precision"] == 1.0 and scores["recall"] < 0.2
-    assert ev.precision_recall(real, real) == {"precision": 1.0, "recall": 1.0}
+    assert quality_metrics.precision_recall(real, real) == {"precision": 1.0, "recall": 1.0}
 
 
 def test_evaluate_and_best_step_selection_draw_independent_latents(atari_snapshot, tmp_path):
@@ -240,11 +242,11 @@ def test_evaluate_and_best_step_selection_draw_independent_latents(atari_snapsho
     fid_fn(2, selection)
     assert torch.equal(selection.seen[0], selection.seen[1])  # the same noise at every step
     final = Recorder()
-    extractor = fid.InceptionFeatures(fid.hub_weights_path(), progress=False)
-    with pytest.warns(ev.SmallSampleWarning):
+    extractor = inception.InceptionFeatures(inception.hub_weights_path(), progress=False)
+    with pytest.warns(quality_metrics.SmallSampleWarning):
         ev.evaluate_generator(final, snapshot, extractor, latent_dim=16, num_samples=6, kid_subset_size=6,
                               seed=params.seed, cache_dir=tmp_path / "fid", coverage_cache_dir=tmp_path / "cov")
-    drawn = final.seen[0]  # the shipped drawing's latents
+    drawn = torch.cat(final.seen)
     assert drawn.shape == selection.seen[0].shape
     assert not torch.isclose(drawn, selection.seen[0]).any()  # no latent shared, not even a coordinate
 
@@ -273,17 +275,17 @@ def test_unreadable_model(workdir):
 def test_mismatched_image_shape(workdir):
     hub_weights_or_fail()
     make_snapshot(workdir / "data" / "snapshot", size=32)  # 32x32 frames, a 64x64 generator
-    with pytest.raises(fid.FIDInputError, match=r"\(3, 64, 64\) but the real frames are \(3, 32, 32\)"):
+    with pytest.raises(inception.FIDInputError, match=r"\(3, 64, 64\) but the real frames are \(3, 32, 32\)"):
         run(workdir, tiny_params())
     assert not (workdir / "metrics" / "eval.json").exists()
 
 
 def test_missing_or_unreadable_weights(workdir):
-    with pytest.raises(fid.InceptionWeightsError, match="evaluate.inception_weights = .*no such file"):
+    with pytest.raises(inception.InceptionWeightsError, match="evaluate.inception_weights = .*no such file"):
         run(workdir, tiny_params(inception_weights=str(workdir / "nope.pth")))
     junk = workdir / "junk.pth"
     junk.write_bytes(b"\x00" * 100)
-    with pytest.raises(fid.InceptionWeightsError, match="not readable as torch-fidelity InceptionV3 weights"):
+    with pytest.raises(inception.InceptionWeightsError, match="not readable as torch-fidelity InceptionV3 weights"):
         run(workdir, tiny_params(inception_weights=str(junk)))
     assert not (workdir / "metrics" / "eval.json").exists()
 

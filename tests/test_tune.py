@@ -15,6 +15,7 @@ import yaml
 
 import src.tune as tune
 from src.params import REPO_ROOT, load_params
+from src.study import BASELINE_ATTR, baseline_values
 
 TINY = {
     "seed": 0,
@@ -123,9 +124,9 @@ def test_a_failed_baseline_is_run_again_and_apply_alone_runs_no_trial(workdir, m
     storage = f"sqlite:///{workdir / 'optuna.db'}"
     tune.main(["--params", "tiny.yaml", "--storage", storage, "--n-trials", "2"])
     study = optuna.load_study(study_name="atari-gan", storage=storage)
-    baseline = [(t.number, t.state.name) for t in study.trials if t.user_attrs.get(tune.BASELINE_ATTR)]
+    baseline = [(t.number, t.state.name) for t in study.trials if t.user_attrs.get(BASELINE_ATTR)]
     assert baseline == [(0, "FAIL"), (1, "COMPLETE")]  # put back in the queue until it completes
-    assert study.trials[1].params == tune.baseline_values(load_params(workdir / "tiny.yaml"))
+    assert study.trials[1].params == baseline_values(load_params(workdir / "tiny.yaml"))
     out = capsys.readouterr().out
     assert out.count("created study") == 1 and "NonFiniteLossError" in out
 

@@ -16,7 +16,7 @@ import optuna
 import pytest
 import yaml
 
-import src.fid as fid
+import src.inception as inception
 from tests.conftest import cli_env
 
 POSTGRES_ENV = "ATARI_GAN_TEST_POSTGRES_URL"
@@ -34,7 +34,7 @@ def postgres_url() -> str:
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_two_workers_on_one_study_lose_nothing_and_repeat_nothing(tiny_project, backend):
-    if not fid.hub_weights_path().is_file():
+    if not inception.hub_weights_path().is_file():
         pytest.fail("InceptionV3 weights are missing: run `python -m src.inception_weights` first (CI does)")
     storage = f"sqlite:///{tiny_project / 'optuna.db'}" if backend == "sqlite" else postgres_url()
     study_name = f"workers-{uuid.uuid4().hex[:8]}"  # a shared server outlives the test
@@ -45,7 +45,7 @@ def test_two_workers_on_one_study_lose_nothing_and_repeat_nothing(tiny_project, 
     for worker, output in zip(workers, outputs):
         assert worker.returncode == 0, output
 
-    from src.tune import storage_url
+    from src.study import storage_url
 
     trials = optuna.load_study(study_name=study_name, storage=storage_url(storage)).trials
     assert [t.state.name for t in trials] == ["COMPLETE"] * 4, outputs  # nothing lost, nothing failed
