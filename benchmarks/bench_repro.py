@@ -1,12 +1,12 @@
-"""Benchmark: wall-clock time of a whole `dvc repro` on the README's small CPU preset.
+"""Benchmark: wall-clock time of a whole `dvc repro` on the shipped params.yaml's `cpu` profile.
 
 Copies the repository's tracked files (the working tree's versions) into a fresh directory, makes
-it a git + DVC repo with its own empty FID cache, MLflow database and DVC cache, writes the preset
-into its params.yaml, and times, as a user meets them:
+it a git + DVC repo with its own empty FID cache, MLflow database and DVC cache, sets `profile: cpu`
+in its params.yaml, and times, as a user meets them:
 (a) `dvc repro` from nothing: collect -> train -> evaluate, Inception features of the real frames
     computed for the first time;
 (b) `dvc repro` again with nothing changed (DVC only checks hashes);
-(c) `dvc repro` after raising `train.iterations`: collect is skipped, training continues from its
+(c) `dvc repro` after raising `profiles.cpu.train.iterations`: collect is skipped, training continues from its
     checkpoint, evaluate reuses the cached real features.
 Each stage's own time comes from the outputs it writes. The Inception weights must already be in
 the torch hub cache (`python -m src.inception_weights`); nothing is downloaded.
@@ -28,23 +28,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.results_md import RESULTS_MD as RESULTS, write_block  # noqa: E402
 from src.params import set_params  # noqa: E402
 
-# The README's "quick preset for a CPU".
-PRESET = {
-    "collect.train_frames": 3000,
-    "collect.holdout_frames": 500,
-    "model.gen_filters": 32,
-    "model.disc_filters": 32,
-    "train.iterations": 300,
-    "train.batch_size": 32,
-    "evaluate.num_samples": 500,
-}
-MORE_ITERATIONS = 600
+# The shipped params.yaml on its laptop profile (README, Profiles), forced so a GPU box measures it too.
+PRESET = {"profile": "cpu"}
+ITERATIONS_KEY = "profiles.cpu.train.iterations"
+MORE_ITERATIONS = 2400
 
 
 def copy_tracked(dest: Path) -> None:
@@ -101,8 +96,9 @@ def main(argv: list[str] | None = None) -> None:
         runs = [repro(work, "(a) from nothing: collect, train, evaluate, empty FID cache")]
         inner = stage_seconds(work)
         runs.append(repro(work, "(b) again, nothing changed"))
-        set_params(work / "params.yaml", {"train.iterations": MORE_ITERATIONS})
-        runs.append(repro(work, f"(c) train.iterations {PRESET['train.iterations']} -> {MORE_ITERATIONS}"))
+        before = yaml.safe_load((work / "params.yaml").read_text())["profiles"]["cpu"]["train"]["iterations"]
+        set_params(work / "params.yaml", {ITERATIONS_KEY: MORE_ITERATIONS})
+        runs.append(repro(work, f"(c) {ITERATIONS_KEY} {before} -> {MORE_ITERATIONS}"))
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -119,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     ])
     print(text)
     if args.write:
-        write_block("bench-repro", text, "## Whole pipeline: `dvc repro` on the small CPU preset\n\n"
+        write_block("bench-repro", text, "## Whole pipeline: `dvc repro` on the cpu profile\n\n"
                     "Written by `benchmarks/bench_repro.py --write`.\n\n")
 
 if __name__ == "__main__":
