@@ -170,7 +170,8 @@ def test_a_checkpoint_beyond_the_asked_iterations_is_refused_and_left_alone(snap
         train_gan(tiny(iterations=10), snapshot, checkpoint_dir=ckpt_dir, progress=False)
     message = str(err.value)
     assert "has already trained 20 iterations, more than train.iterations: 10" in message
-    assert "Set train.iterations to 20 or more" in message and f"delete {ckpt_dir}/" in message
+    assert "Set train.iterations (or profiles.<profile>.train.iterations" in message
+    assert "to 20 or more" in message and f"delete {ckpt_dir}/" in message
     assert file_sha256(ckpt_dir / "checkpoint.pt") == before
     assert train_gan(tiny(iterations=20), snapshot, checkpoint_dir=ckpt_dir, progress=False).iterations == 20
 

@@ -90,7 +90,7 @@ REFUSALS = [
     ("seed-changed", {"seed": 1}, None, ["seed: 0 in the snapshot, 1 in params.yaml", *FIX_COLLECT]),
     ("iterations-below-the-checkpoint", {"train": {"iterations": 10}}, None,
      ["has already trained 20 iterations, more than train.iterations: 10", "nothing was changed",
-      "Set train.iterations to 20 or more", "delete checkpoints/train/"]),
+      "Set train.iterations (or profiles.<profile>.train.iterations", "to 20 or more", "delete checkpoints/train/"]),
     ("checkpoint-that-would-run-code", {}, plant_code_in_checkpoint,
      ["refusing to load checkpoints/train/checkpoint.pt", "objects other than tensors and plain data (io.open)",
       "nothing was loaded or changed", "delete checkpoints/train/"]),

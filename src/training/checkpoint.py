@@ -143,8 +143,9 @@ def read_checkpoint(checkpoint_dir: Path | None, settings: dict[str, Any], itera
     if step > iterations:
         raise CheckpointError(
             f"the checkpoint {path} has already trained {step} iterations, more than train.iterations: {iterations} "
-            f"asks for, so the outputs would not match the params; nothing was changed. Set train.iterations to "
-            f"{step} or more to write (or continue) that run, or {start_over}"
+            f"asks for, so the outputs would not match the params; nothing was changed. Set train.iterations (or "
+            f"profiles.<profile>.train.iterations, where the running profile sets it) to {step} or more to write "
+            f"(or continue) that run, or {start_over}"
         )
     return ckpt
 
