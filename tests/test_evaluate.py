@@ -357,3 +357,16 @@ def test_cli_end_to_end_logs_into_the_training_run_and_reuses_the_cache(workdir,
     assert json.loads((workdir / "metrics" / "eval.json").read_text())["fid"] == pytest.approx(metrics["fid"])
     runs = mlflow.search_runs(experiment_ids=[setup()], output_format="list")
     assert len(runs) == 2 and any("eval/fid" in r.data.metrics for r in runs if r.info.run_id != train_run.info.run_id)
+
+
+def test_holdout_subset_is_fixed_and_only_cuts_the_holdout(snapshot):
+    # evaluate.holdout_samples (the cpu profile): the same holdout frames every run, training untouched.
+    cut = ev.holdout_subset(snapshot, 5)
+    again = ev.holdout_subset(snapshot, 5)
+    assert len(cut.holdout_images) == len(cut.holdout_labels) == 5
+    assert np.array_equal(cut.holdout_images, again.holdout_images)
+    assert cut.train_images is snapshot.train_images and cut.sha256 == snapshot.sha256
+    full = {bytes(f) for f in np.asarray(snapshot.holdout_images)}
+    assert {bytes(f) for f in np.asarray(cut.holdout_images)} <= full
+    assert ev.holdout_subset(snapshot, None) is snapshot
+    assert ev.holdout_subset(snapshot, len(snapshot.holdout_images)) is snapshot
