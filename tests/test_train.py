@@ -65,7 +65,13 @@ def test_main_tracks_the_run_in_mlflow(tmp_path, monkeypatch, make_snapshot):
     assert any(m.source_run_id == run.info.run_id and m.name == "generator" for m in models)
     for name in ("generator.pt", "generator_ema.pt", "discriminator.pt"):
         assert (tmp_path / "models" / name).is_file()
-    assert json.loads((tmp_path / "metrics" / "train.json").read_text())["iterations"] == 6
+    metrics = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    assert metrics["iterations"] == 6 and metrics["profile"] in ("cpu", "gpu")
+    assert metrics["settings"]["image_every"] == 3 and metrics["settings"]["fid_every"] == 0
+    assert {"data", "training", "checkpoints"} <= set(metrics["time_s"])  # written before "writing" ends
+    assert run.data.tags["profile"] == metrics["profile"]
+    for key in ("time_training_s", "time_writing_s"):
+        assert client.get_metric_history(run.info.run_id, key)
     lines = (tmp_path / "plots" / "train" / "losses.csv").read_text().splitlines()
     assert lines[0] == "step,loss_g,loss_d,d_real,d_fake" and len(lines) == 5
 
