@@ -71,8 +71,10 @@ def make_storage(url: str, attempts: int = 5):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
         except sqlalchemy.exc.SQLAlchemyError as exc:
-            # Two workers creating the same new database race on its schema; the loser retries.
-            if attempt == attempts - 1 or not sqlite:
+            # Two workers creating the same new database race on its schema; the loser retries (SQLite:
+            # a lock; PostgreSQL: a duplicate type or table). Not a server that cannot be reached.
+            schema_race = sqlite or isinstance(exc, (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError))
+            if attempt == attempts - 1 or not schema_race:
                 reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
                 raise TuneError(f"cannot open the study storage {shown} ({reason}); check the URL, "
                                 "that the database server runs and the database exists") from None

@@ -57,3 +57,21 @@ def test_two_workers_on_one_study_lose_nothing_and_repeat_nothing(tiny_project, 
     assert baseline[0].params == {k: shipped[k] for k in ("lr_g", "lr_d", "beta1", "beta2")}
     everything = "".join(outputs)
     assert everything.count("created study") == 1 and "A new study created" not in everything, everything
+
+
+def test_workers_opening_a_new_postgresql_database_at_once_all_get_it(tmp_path):
+    # Optuna creates its schema on first use; on PostgreSQL racing creators collide on a duplicate type
+    # ("pg_type_typname_nsp_index"), which must cost the loser a retry, not the run.
+    import psycopg
+
+    server = postgres_url().rsplit("/", 1)[0]
+    for _ in range(3):
+        name = f"race_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        code = f"from src.study import make_storage; make_storage({f'{server}/{name}'!r})"
+        openers = [subprocess.Popen([sys.executable, "-c", code], env=cli_env(tmp_path), stderr=subprocess.PIPE,
+                                    text=True) for _ in range(4)]
+        for opener in openers:
+            _, err = opener.communicate(timeout=120)
+            assert opener.returncode == 0, err
