@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 
 import pytest
+import yaml
 
-from src.params import AUTO_POINTS, REPO_ROOT, ParamsError, effective, load_params, parse_params, with_profile
+from src.params import AUTO_POINTS, ParamsError, effective, parse_params, with_profile
 from src.profile import apply_profile, load_run_params, profile_changes, resolve_profile
 
 
@@ -61,8 +62,8 @@ def test_bad_profile_values_are_refused_when_params_load(profiles, named):
         parse_params({"profiles": profiles})
 
 
-def test_the_shipped_cpu_profile_is_valid_and_smaller():
-    shipped = load_params(REPO_ROOT / "params.yaml")
+def test_the_shipped_cpu_profile_is_valid_and_smaller(shipped_params_text):
+    shipped = parse_params(yaml.safe_load(shipped_params_text))
     cpu = with_profile(shipped, "cpu")
     assert cpu.train.iterations < shipped.train.iterations
     assert cpu.evaluate.holdout_samples is not None and cpu.evaluate.num_samples <= shipped.evaluate.num_samples
