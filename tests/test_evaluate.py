@@ -7,6 +7,7 @@ the format `src.train` writes.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -23,31 +24,20 @@ import src.evaluate as ev
 import src.fid as fid
 import src.inception as inception
 import src.quality_metrics as quality_metrics
-from src.data import SnapshotError, file_sha256, load_snapshot, write_snapshot
+from src.data import SnapshotError, file_sha256, load_snapshot
 from src.params import REPO_ROOT, ParamsError, parse_params
+from tests.conftest import write_tiny_snapshot
 
 TINY = {"seed": 0, "model": {"latent_dim": 16, "gen_filters": 8, "disc_filters": 8},
         "evaluate": {"num_samples": 10, "batch_size": 16, "kid_subset_size": 1000, "device": "cpu"}}
-
-
-def hub_weights_or_fail() -> Path:
-    path = inception.hub_weights_path()
-    if not path.is_file():
-        pytest.fail(f"InceptionV3 weights are missing at {path}: run `python -m src.inception_weights` "
-                    "before the tests (CI does)")
-    return path
 
 
 def tiny_params(**evaluate) -> dict:
     return {**TINY, "evaluate": {**TINY["evaluate"], **evaluate}}
 
 
-def make_snapshot(path: Path, n_train: int = 12, n_holdout: int = 10, size: int = 64, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    frames = lambda n: rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8)  # noqa: E731
-    arrays = {"train_images": frames(n_train), "train_labels": np.zeros(n_train, np.uint8),
-              "holdout_images": frames(n_holdout), "holdout_labels": np.zeros(n_holdout, np.uint8)}
-    return write_snapshot(path, arrays, {"games": ["Breakout-v4"]})
+# 12 training and 10 holdout frames of noise, game Breakout (override any of these per call).
+make_snapshot = functools.partial(write_tiny_snapshot, n_train=12, n_holdout=10, games=("Breakout-v4",))
 
 
 def write_generator(models: Path, name: str = "generator.pt", seed: int = 0, palette_size: int = 16,
@@ -129,9 +119,9 @@ def test_best_training_fid_from_csv(tmp_path):
     assert ev.best_training_fid(csv_file) == {"best_train_step": 1000, "best_train_fid": 250.25}
 
 
-def test_evaluate_writes_metrics_and_grid(atari_workdir):
+def test_evaluate_writes_metrics_and_grid(atari_workdir, hub_weights):
     workdir = atari_workdir
-    weights = hub_weights_or_fail()
+    weights = hub_weights
     write_generator(workdir / "models", "generator_ema.pt", seed=1, snapshot_dir=workdir / "data" / "snapshot")
     (workdir / "plots" / "train").mkdir(parents=True)
     (workdir / "plots" / "train" / "fid.csv").write_text("step,fid\n100,300.0\n200,280.5\n")
@@ -183,9 +173,8 @@ def test_evaluate_writes_metrics_and_grid(atari_workdir):
     assert torch.unique(generated.reshape(3, -1), dim=1).shape[1] > 3  # several colours, not one flat grey
 
 
-def test_raw_generator_is_also_scored_with_the_palette(atari_workdir):
+def test_raw_generator_is_also_scored_with_the_palette(atari_workdir, hub_weights):
     """The article recipe ships raw screens; evaluate also draws them with params.yaml's palette, like for like."""
-    hub_weights_or_fail()
     write_generator(atari_workdir / "models", palette_size=0)
     article = {**tiny_params(num_samples=20), "train": {"recipe": "article"}}  # model.palette_size stays 16
     with pytest.warns(quality_metrics.SmallSampleWarning):
@@ -195,8 +184,7 @@ def test_raw_generator_is_also_scored_with_the_palette(atari_workdir):
     assert "precision_palette" in metrics and "coverage_share_palette/Pong-v4" in metrics
 
 
-def test_per_game_fid_warns_when_a_game_has_too_few_screens(atari_workdir, monkeypatch):
-    hub_weights_or_fail()
+def test_per_game_fid_warns_when_a_game_has_too_few_screens(atari_workdir, monkeypatch, hub_weights):
     monkeypatch.setattr(ev, "MIN_GAME_SAMPLES", 1000)
     with pytest.warns(quality_metrics.SmallSampleWarning, match="fewer than 1000: its per-game FID is not scored"):
         metrics = run(atari_workdir, tiny_params(num_samples=10))
@@ -219,9 +207,8 @@ def test_precision_and_recall_take_generated_then_real():
     assert quality_metrics.precision_recall(real, real) == {"precision": 1.0, "recall": 1.0}
 
 
-def test_evaluate_and_best_step_selection_draw_independent_latents(atari_snapshot, tmp_path):
+def test_evaluate_and_best_step_selection_draw_independent_latents(atari_snapshot, tmp_path, hub_weights):
     """The final FID is not scored on the noise that picked the best training step."""
-    hub_weights_or_fail()
 
     class Recorder(torch.nn.Module):
         num_classes = palette_size = 0
@@ -242,7 +229,7 @@ def test_evaluate_and_best_step_selection_draw_independent_latents(atari_snapsho
     fid_fn(2, selection)
     assert torch.equal(selection.seen[0], selection.seen[1])  # the same noise at every step
     final = Recorder()
-    extractor = inception.InceptionFeatures(inception.hub_weights_path(), progress=False)
+    extractor = inception.InceptionFeatures(hub_weights, progress=False)
     with pytest.warns(quality_metrics.SmallSampleWarning):
         ev.evaluate_generator(final, snapshot, extractor, latent_dim=16, num_samples=6, kid_subset_size=6,
                               seed=params.seed, cache_dir=tmp_path / "fid", coverage_cache_dir=tmp_path / "cov")
@@ -264,16 +251,14 @@ def test_missing_model(workdir):
     assert not (workdir / "metrics" / "eval.json").exists()
 
 
-def test_unreadable_model(workdir):
-    hub_weights_or_fail()
+def test_unreadable_model(workdir, hub_weights):
     (workdir / "models" / "generator.pt").write_bytes(b"half a checkpoint")
     with pytest.raises(ev.UserError, match="generator.pt is not"):
         run(workdir, tiny_params())
     assert not (workdir / "metrics" / "eval.json").exists()
 
 
-def test_mismatched_image_shape(workdir):
-    hub_weights_or_fail()
+def test_mismatched_image_shape(workdir, hub_weights):
     make_snapshot(workdir / "data" / "snapshot", size=32)  # 32x32 frames, a 64x64 generator
     with pytest.raises(inception.FIDInputError, match=r"\(3, 64, 64\) but the real frames are \(3, 32, 32\)"):
         run(workdir, tiny_params())
@@ -316,8 +301,7 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
 
 
-def test_cli_end_to_end_logs_into_the_training_run_and_reuses_the_cache(workdir, monkeypatch):
-    hub_weights_or_fail()
+def test_cli_end_to_end_logs_into_the_training_run_and_reuses_the_cache(workdir, monkeypatch, hub_weights):
     import mlflow
 
     from src.tracking import setup

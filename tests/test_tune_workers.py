@@ -16,7 +16,6 @@ import optuna
 import pytest
 import yaml
 
-import src.inception as inception
 from tests.conftest import cli_env
 
 POSTGRES_ENV = "ATARI_GAN_TEST_POSTGRES_URL"
@@ -33,9 +32,7 @@ def postgres_url() -> str:
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_two_workers_on_one_study_lose_nothing_and_repeat_nothing(tiny_project, backend):
-    if not inception.hub_weights_path().is_file():
-        pytest.fail("InceptionV3 weights are missing: run `python -m src.inception_weights` first (CI does)")
+def test_two_workers_on_one_study_lose_nothing_and_repeat_nothing(tiny_project, backend, hub_weights):
     storage = f"sqlite:///{tiny_project / 'optuna.db'}" if backend == "sqlite" else postgres_url()
     study_name = f"workers-{uuid.uuid4().hex[:8]}"  # a shared server outlives the test
     cmd = [sys.executable, "-m", "src.tune", "--storage", storage, "--study-name", study_name, "--n-trials", "2"]
