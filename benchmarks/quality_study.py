@@ -13,6 +13,8 @@ and a sample grid beside it; `report` turns those files into the table of benchm
     python benchmarks/quality_study.py run article custom --seed 0 --seed 1 --threads 1
     python benchmarks/quality_study.py report [--write]
     python benchmarks/quality_study.py report --yardstick --results-dir DIR [--write]   # like-for-like table
+    python benchmarks/quality_study.py run article --budget-s 600 --checkpoints DIR  # then 1800, 3600: one run, extended
+    python benchmarks/quality_study.py report --plot curves.png --results-dir DIR [--write]  # time-to-quality
 
 A run's record also holds everything `evaluate` measures (key "eval"): the FID of the same latents drawn
 raw and with the palette, floors, precision/recall, game shares and per-game FID.
@@ -44,6 +46,7 @@ from src.params import Params, effective, load_params  # noqa: E402
 STUDY_SNAPSHOT = REPO / "data" / "study" / "snapshot"
 RESULTS_DIR = REPO / "benchmarks" / "quality"
 HOLDOUT_FRAMES = 2100
+FEATURE_CACHE = STUDY_SNAPSHOT.parent / "features"  # real frames' Inception features, shared by every run
 
 # Candidates, as overrides of params.yaml. `article` is the article's recipe (params.effective);
 # the others change model width, batch size, learning rates (the tuner's best), EMA, loss, spectral
@@ -54,7 +57,8 @@ TEXTBOOK = {"train.recipe": "custom", "model.gen_filters": 64, "model.disc_filte
             "train.lr_g": 2e-4, "train.lr_d": 2e-4, "train.beta1": 0.5, "train.beta2": 0.999, "train.loss": "bce",
             "train.d_activation": "leaky_relu", "train.init": "dcgan", "train.spectral_norm": False,
             "train.ema_decay": 0.999, "train.ema_warmup": 1000, "train.augment": "", "train.lr_decay": "none",
-            "model.palette_size": 0, "model.upsample": "transposed", "model.conditional": False}
+            "model.palette_size": 0, "model.upsample": "transposed", "model.conditional": False,
+            "model.arch": "dcgan", "model.skip_rgb": False, "model.minibatch_std": 0, "train.r1_gamma": 0.0}
 SMALL = {**TEXTBOOK, "model.gen_filters": 32, "model.disc_filters": 32, "train.batch_size": 32}
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},  # params.yaml as it is
@@ -98,6 +102,16 @@ RECIPES: dict[str, dict[str, Any]] = {
     "small-tuned-g48": {**SMALL, **TUNED_LR, "model.gen_filters": 48},
     "small-tuned-d48": {**SMALL, **TUNED_LR, "model.disc_filters": 48},
     "small-tuned-pal16": {**SMALL, **TUNED_LR, "model.palette_size": 16},  # palette at drawing time
+    # Third round: the architecture options of src/models.py (RESULTS.md says which were run).
+    "small-tuned-skip": {**SMALL, **TUNED_LR, "model.skip_rgb": True},
+    "small-tuned-skip-bilinear": {**SMALL, **TUNED_LR, "model.skip_rgb": True, "model.upsample": "bilinear"},
+    "small-tuned-mbstd": {**SMALL, **TUNED_LR, "model.minibatch_std": 4},
+    "small-tuned-r1-mbstd": {**SMALL, **TUNED_LR, "train.r1_gamma": 0.1, "model.minibatch_std": 4},
+    "small-tuned-skip-mbstd": {**SMALL, **TUNED_LR, "model.skip_rgb": True, "model.minibatch_std": 4},
+    "small-tuned-r1-mbstd-cond": {**SMALL, **TUNED_LR, "train.r1_gamma": 0.1, "model.minibatch_std": 4,
+                                  "model.conditional": True},  # the game mix set by labels, not left to G
+    "resnet16-tuned": {**SMALL, **TUNED_LR, "model.arch": "resnet", "model.gen_filters": 16,
+                       "model.disc_filters": 16},
 }
 
 
@@ -130,7 +144,7 @@ def run_one(recipe: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     from src.evaluate import evaluate_generator, save_grid
     from src.fid import make_fid_fn
     from src.inception import InceptionFeatures, resolve_inception_weights
-    from src.models import build_models
+    from src.models import build_models, palette_of, snap_images
     from src.training import train_gan
 
     params = study_params(load_params(), recipe, seed, args.budget_s, args.fid_every, args.fid_samples,
@@ -146,23 +160,34 @@ def run_one(recipe: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         print(f"{recipe} seed {seed}: step {step}, FID@{args.fid_samples} {fid:.1f}", flush=True)
         return fid
 
-    result = train_gan(params, snapshot, checkpoint_dir=None, fid_fn=fid_fn, progress=False)
+    name = f"{recipe}-seed{seed}"
+    # With --checkpoints a run continues its own checkpoint: a longer --budget-s extends the same run,
+    # bit for bit, so one run gives every point of a time-to-quality curve.
+    checkpoint_dir = Path(args.checkpoints) / name if args.checkpoints else None
+    if checkpoint_dir is not None:
+        name = f"{name}-{args.budget_s:.0f}s"
+    result = train_gan(params, snapshot, checkpoint_dir=checkpoint_dir, fid_fn=fid_fn, progress=False)
     # --fid-every 0 keeps no best step: the run is scored on its last eval generator.
     kept = result.best_state or {k: v.detach().cpu() for k, v in result.eval_generator.state_dict().items()}
     generator, _ = build_models(effective(params))
     generator.load_state_dict(kept)
     generator.to(device)
     extractor = InceptionFeatures(resolve_inception_weights(args.inception_weights), device=device, batch_size=100)
+    # Raw recipes are drawn with params.yaml's palette too, so both columns exist for every run.
+    palette_size = params.model.palette_size or load_params().model.palette_size
     metrics, fake = evaluate_generator(generator, snapshot, extractor, latent_dim=params.model.latent_dim,
                                        num_samples=args.samples, kid_subset_size=params.evaluate.kid_subset_size,
-                                       seed=seed, palette_size=params.model.palette_size)
-    name = f"{recipe}-seed{seed}"
+                                       seed=seed, palette_size=palette_size, cache_dir=FEATURE_CACHE)
     out = Path(args.results_dir)
     save_grid(fake, snapshot.holdout_images, out / f"{name}.png")
+    if not generator.palette_size:  # the same screens drawn with the palette, as fid_palette scores them
+        save_grid(snap_images(fake, palette_of(snapshot.train_images, palette_size)), snapshot.holdout_images,
+                  out / f"{name}-palette.png")
     record = {
         "recipe": recipe,
         "seed": seed,
         "overrides": RECIPES[recipe],
+        "settings": {"model": effective(params).model.model_dump(), "train": effective(params).train.model_dump()},
         "date": dt.date.today().isoformat(),
         "machine": machine(device),
         "device": str(device),
@@ -171,6 +196,7 @@ def run_one(recipe: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "budget_s": None if args.iterations else args.budget_s,
         "budget_iterations": args.iterations,
+        "checkpointed": checkpoint_dir is not None,  # one point of a run extended by later, longer budgets
         "inception_weights_sha256": extractor.weights_sha256,
         "train_seconds": round(result.elapsed_s, 1),
         "wall_seconds": round(time.time() - started, 1),
@@ -197,8 +223,14 @@ def run_one(recipe: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
-def load_records(results_dir: Path = RESULTS_DIR) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(Path(results_dir).glob("*.json"))]
+def load_records(*results_dirs: Path | str) -> list[dict[str, Any]]:
+    dirs = results_dirs or (RESULTS_DIR,)
+    return [json.loads(p.read_text()) for d in dirs for p in sorted(Path(d).glob("*.json"))]
+
+
+def run_label(record: dict[str, Any]) -> str:
+    label = f"{record['recipe']} seed {record['seed']}"
+    return label + (f" · {record['budget_s'] / 60:.0f} min" if record.get("checkpointed") else "")
 
 
 def spread(values: list[float], digits: int = 1) -> str:
@@ -247,10 +279,10 @@ def yardstick(records: list[dict[str, Any]]) -> str:
     head = ("| run | shipped | FID raw | FID palette | precision / recall (shipped) | TV | "
             + " | ".join(f"{g} share · FID (n)" for g in games) + " |")
     lines = [head, "|" + "---|" * (6 + len(games))]
-    for r in sorted(rows, key=lambda r: (r["recipe"], r["seed"])):
+    for r in sorted(rows, key=lambda r: (r["recipe"], r["seed"], r.get("budget_s") or 0)):
         e = r["eval"]
         cells = [f"{fmt(e['coverage_share/' + g], 2)} · {fmt(e['fid_game/' + g])} ({e['count_game/' + g]})" for g in games]
-        lines.append(f"| {r['recipe']} seed {r['seed']} | {e['post_processing']} | {fmt(e.get('fid_raw'))} | "
+        lines.append(f"| {run_label(r)} | {e['post_processing']} | {fmt(e.get('fid_raw'))} | "
                      f"{fmt(e.get('fid_palette'))} | {e['precision']:.3f} / {e['recall']:.3f} | {e['coverage_tv']:.3f} | "
                      + " | ".join(cells) + " |")
     e = rows[0]["eval"]
@@ -259,6 +291,48 @@ def yardstick(records: list[dict[str, Any]]) -> str:
         + " | ".join(f"{fmt(e['coverage_share_snapshot/' + g], 2)} · {fmt(e['fid_game_floor/' + g])}" for g in games)
         + " |")
     return "\n".join(lines)
+
+
+def plot_curves(records: list[dict[str, Any]], out: Path) -> str:
+    """FID against minutes of training, raw and with the palette, one line per recipe (mean over seeds,
+    each seed a dot); writes the PNG and returns the same points as a markdown table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points: dict[str, dict[float, list[dict[str, Any]]]] = {}
+    for r in records:
+        if r.get("budget_s") and "eval" in r:
+            points.setdefault(r["recipe"], {}).setdefault(r["budget_s"] / 60, []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    rows = ["| recipe | minutes | seeds | iterations (mean) | FID raw, mean (range) | FID palette, mean (range) | TV |",
+            "|---|---:|---|---:|---:|---:|---:|"]
+    for recipe, by_minutes in sorted(points.items()):
+        minutes = sorted(by_minutes)
+        for ax, key in zip(axes, ("fid_raw", "fid_palette"), strict=True):
+            means = [statistics.mean(r["eval"][key] for r in by_minutes[m]) for m in minutes]
+            (line,) = ax.plot(minutes, means, marker="o", label=recipe)
+            for m in minutes:
+                ax.scatter([m] * len(by_minutes[m]), [r["eval"][key] for r in by_minutes[m]], s=12,
+                           color=line.get_color(), alpha=0.5)
+        for m in minutes:
+            runs = by_minutes[m]
+            rows.append(f"| {recipe} | {m:.0f} | {', '.join(str(r['seed']) for r in runs)} | "
+                        f"{statistics.mean(r['iterations'] for r in runs):.0f} | "
+                        f"{spread([r['eval']['fid_raw'] for r in runs])} | "
+                        f"{spread([r['eval']['fid_palette'] for r in runs])} | "
+                        f"{spread([r['eval']['coverage_tv'] for r in runs], 3)} |")
+    for ax, title in zip(axes, ("drawn raw", "drawn with the 16-colour palette"), strict=True):
+        ax.set_title(f"FID vs holdout, {title}", fontsize=10)
+        ax.set_xlabel("minutes of training")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("FID (lower is better)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return "\n".join(rows)
 
 
 def make_snapshot(holdout: int) -> None:
@@ -289,13 +363,19 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--inception-weights", default=None,
                      help="InceptionV3 weights file (default: the torch hub cache, as evaluate uses)")
     run.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    run.add_argument("--checkpoints", default=None,
+                     help="checkpoint each run in DIR/<recipe>-seed<N> and continue from it: rerun with a longer "
+                          "--budget-s to extend the same run (records are named ...-<budget>s)")
     run.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the run's json and grid go")
     rep = sub.add_parser("report", help="print the table from benchmarks/quality/*.json")
     rep.add_argument("--write", action="store_true", help="also write it into benchmarks/RESULTS.md")
     rep.add_argument("--curves", default=None, help="also list the FID-during-training points of this recipe")
     rep.add_argument("--yardstick", action="store_true",
                      help="print the like-for-like table of runs scored with the full evaluate metrics instead")
-    rep.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the runs' json files are")
+    rep.add_argument("--plot", default=None,
+                     help="print the time-to-quality table instead and draw it into this PNG (runs with --checkpoints)")
+    rep.add_argument("--results-dir", action="append", help="where the runs' json files are (repeatable; default "
+                                                            "benchmarks/quality)")
     args = parser.parse_args(argv)
 
     if args.command == "snapshot":
@@ -307,7 +387,13 @@ def main(argv: list[str] | None = None) -> None:
             for recipe in args.recipes:
                 run_one(recipe, seed, args)
     else:
-        records = load_records(args.results_dir)
+        records = load_records(*(args.results_dir or [RESULTS_DIR]))
+        if args.plot:
+            text = plot_curves(records, Path(args.plot))
+            print(text)
+            if args.write:
+                write_block("time-to-quality", text)
+            return
         if args.yardstick:
             text = yardstick(records)
             print(text)

@@ -13,8 +13,17 @@ the article's `Sigmoid` + `BCELoss` (only more accurate where the sigmoid satura
 clamps log() at -100) and, unlike BCELoss, it is allowed under autocast.
 
 Options: LeakyReLU(0.2) in D, DCGAN init (conv ~ N(0, 0.02), BN weight ~ N(1, 0.02), biases 0),
-spectral norm in D. BatchNorm is dropped from D when spectral norm is on (SN-GAN) and for the
-WGAN-GP loss (the penalty is per sample; Gulrajani et al. 2017 use no BN in the critic).
+spectral norm in D. BatchNorm is dropped from D when spectral norm is on (SN-GAN), for the WGAN-GP
+loss and for R1 (per-sample penalties; Gulrajani et al. 2017 and Mescheder et al. 2018 use no BN in D).
+`arch: resnet` swaps both stacks for residual blocks at the same resolutions and widths (SN-GAN /
+BigGAN style, Miyato et al. 2018): G's blocks are BN-ReLU-up-conv3-BN-ReLU-conv3 plus an upsampled 1x1
+shortcut; D's are act-conv3-act-conv3-avgpool plus a pooled 1x1 shortcut, never with batch norm.
+Upsampling in G is `transposed` (the article's), or `nearest` / `bilinear` resize + 3x3 conv (no
+checkerboard, Odena et al. 2016). `skip_rgb` adds the StyleGAN2 "skip" output: the 8, 16 and 32 px
+features each paint RGB through a 1x1 conv, and the image is their bilinearly upsampled sum plus the last
+layer's, so coarse layout can be learned before fine detail. `minibatch_std` (Karras et al. 2018)
+appends, before D's last layer, the standard deviation of the features over groups of that many images:
+D sees how varied a batch is, which penalises a generator that repeats itself.
 Class-conditional on the game (`num_classes` > 0): G takes a one-hot game label beside the noise,
 D adds a projection term (Miyato & Koyama 2018): the mix of games is set by the labels, not
 left to the generator (measured in benchmarks/RESULTS.md: not better FID at a 10-minute CPU budget).
@@ -39,7 +48,8 @@ from src.params import IMAGE_SHAPE, Params
 
 ACTIVATIONS = ("relu", "leaky_relu")
 INITS = ("default", "dcgan")
-UPSAMPLE_KINDS = ("transposed", "nearest")
+UPSAMPLE_KINDS = ("transposed", "nearest", "bilinear")
+ARCHS = ("dcgan", "resnet")
 LEAKY_SLOPE = 0.2
 
 
@@ -63,25 +73,26 @@ def dcgan_init_(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def _check_init(init: str) -> None:
-    if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; allowed: {', '.join(INITS)}")
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}; allowed: {', '.join(allowed)}")
 
 
 class Generator(nn.Module):
     """(B, latent_dim, 1, 1) noise -> (B, 3, 64, 64) images in [-1, 1].
 
-    `upsample="transposed"` is the article's stack of stride-2 transposed convolutions;
-    `"nearest"` doubles the size by nearest-neighbour resizing and a 3x3 convolution instead, which
-    cannot make the checkerboard pattern of overlapping transposed-conv kernels (Odena et al., 2016).
+    A stem turns the noise into 4x4 features (8f channels); four stages double the size
+    (8x8 4f, 16x16 2f, 32x32 f, 64x64). `arch="dcgan"`, `upsample="transposed"`, `skip_rgb=False` is
+    the article's network, module for module, so a seeded build draws the article's weights.
     """
 
     def __init__(self, latent_dim: int = 100, filters: int = 64, channels: int = IMAGE_SHAPE[0], init: str = "default",
-                 upsample: str = "transposed", num_classes: int = 0, palette_size: int = 0):
+                 upsample: str = "transposed", num_classes: int = 0, palette_size: int = 0, arch: str = "dcgan",
+                 skip_rgb: bool = False):
         super().__init__()
-        _check_init(init)
-        if upsample not in UPSAMPLE_KINDS:
-            raise ValueError(f"upsample={upsample!r}; allowed: {', '.join(UPSAMPLE_KINDS)}")
+        _check_choice("init", init, INITS)
+        _check_choice("upsample", upsample, UPSAMPLE_KINDS)
+        _check_choice("arch", arch, ARCHS)
         self.latent_dim = latent_dim
         self.num_classes = num_classes
         if num_classes:
@@ -97,10 +108,22 @@ class Generator(nn.Module):
             nn.BatchNorm2d(f * 8),
             nn.ReLU(),
         ]
+        # Indices in `pipe` of the 8x8, 16x16 and 32x32 feature maps, with their widths (skip_rgb taps them).
+        taps: dict[str, int] = {}
         for c_in, c_out in ((f * 8, f * 4), (f * 4, f * 2), (f * 2, f)):
-            layers += [_up(c_in, c_out, upsample), nn.BatchNorm2d(c_out), nn.ReLU()]
-        layers += [_up(f, channels, upsample), nn.Tanh()]
+            if arch == "dcgan":
+                layers += [_up(c_in, c_out, upsample), nn.BatchNorm2d(c_out), nn.ReLU()]
+            else:
+                layers.append(ResBlockUp(c_in, c_out, upsample))
+            taps[str(len(layers) - 1)] = c_out
+        if arch == "dcgan":
+            layers += [_up(f, channels, upsample), nn.Tanh()]
+        else:
+            layers += [ResBlockUp(f, f, upsample), nn.BatchNorm2d(f), nn.ReLU(),
+                       nn.Conv2d(f, channels, kernel_size=3, padding=1), nn.Tanh()]
         self.pipe = nn.Sequential(*layers)
+        self.to_rgb = nn.ModuleDict({i: nn.Conv2d(c, channels, kernel_size=1) for i, c in taps.items()}) \
+            if skip_rgb else None
         if init == "dcgan":
             dcgan_init_(self)
 
@@ -110,8 +133,68 @@ class Generator(nn.Module):
                 labels = mix_labels(len(z), self.class_freq)
             onehot = nn.functional.one_hot(labels.long(), self.num_classes).to(z.dtype)
             z = torch.cat([z, onehot.view(len(z), self.num_classes, 1, 1)], dim=1)
-        x = self.pipe(z)
+        x = self.pipe(z) if self.to_rgb is None else self._skip_forward(z)
         return snap_to_palette(x, self.palette) if self.palette_size and not self.training else x
+
+    def _skip_forward(self, z: torch.Tensor) -> torch.Tensor:
+        """The pipe, with each tapped resolution's RGB added to the upsampled sum of the coarser ones."""
+        rgb = None
+        x = z
+        for i, layer in enumerate(self.pipe[:-1]):  # all but the final tanh
+            x = layer(x)
+            if str(i) in self.to_rgb:
+                rgb = self.to_rgb[str(i)](x) + (0 if rgb is None else _upsample_to(rgb, x))
+        return torch.tanh(x + _upsample_to(rgb, x))
+
+
+def _upsample_to(image: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return nn.functional.interpolate(image, size=like.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class ResBlockUp(nn.Module):
+    """G's residual block: twice the size, `c_in` -> `c_out` channels (BN-ReLU-up-conv3-BN-ReLU-conv3 + shortcut)."""
+
+    def __init__(self, c_in: int, c_out: int, upsample: str):
+        super().__init__()
+        self.residual = nn.Sequential(nn.BatchNorm2d(c_in), nn.ReLU(), _up(c_in, c_out, upsample),
+                                      nn.BatchNorm2d(c_out), nn.ReLU(), nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.shortcut = nn.Sequential(_resize_up(upsample), nn.Conv2d(c_in, c_out, kernel_size=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.residual(x) + self.shortcut(x)
+
+
+class ResBlockDown(nn.Module):
+    """D's residual block: half the size, `c_in` -> `c_out` channels, no batch norm.
+
+    The first block (`first=True`, on images) skips the leading activation, as in SN-GAN.
+    """
+
+    def __init__(self, c_in: int, c_out: int, activation: str, first: bool = False):
+        super().__init__()
+        layers = [] if first else [_act(activation)]
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1), _act(activation), nn.Conv2d(c_out, c_out, 3, padding=1),
+                   nn.AvgPool2d(2)]
+        self.residual = nn.Sequential(*layers)
+        self.shortcut = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(c_in, c_out, kernel_size=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.residual(x) + self.shortcut(x)
+
+
+def minibatch_std(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`x` (B, C, H, W) with one channel more: the mean standard deviation of the features over each
+    group of `group_size` images (Karras et al. 2018), the same value for every image of a group.
+
+    Groups are interleaved (image i is in group i % (B // g)) as in StyleGAN; the group size is the
+    largest divisor of B not above `group_size`, so any batch size works.
+    """
+    b, c, h, w = x.shape
+    g = max(d for d in range(1, min(group_size, b) + 1) if b % d == 0)
+    y = x.float().reshape(g, b // g, c, h, w)
+    std = (y.var(dim=0, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (B // g,)
+    std = std.repeat(g).view(b, 1, 1, 1).expand(b, 1, h, w).to(x.dtype)
+    return torch.cat([x, std], dim=1)
 
 
 def snap_to_palette(x: torch.Tensor, palette: torch.Tensor) -> torch.Tensor:
@@ -160,11 +243,22 @@ def _up(c_in: int, c_out: int, kind: str) -> nn.Module:
     """Twice the spatial size, `c_in` -> `c_out` channels."""
     if kind == "transposed":
         return nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1)
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, kernel_size=3, padding=1))
+    return nn.Sequential(_resize_up(kind), nn.Conv2d(c_in, c_out, kernel_size=3, padding=1))
+
+
+def _resize_up(kind: str) -> nn.Module:
+    """Twice the spatial size by resizing alone (`transposed` convs resize as nearest here: shortcuts only)."""
+    if kind == "bilinear":
+        return nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+    return nn.Upsample(scale_factor=2, mode="nearest")
 
 
 class Discriminator(nn.Module):
-    """(B, 3, 64, 64) images -> (B,) logits (the article's sigmoid lives in the loss)."""
+    """(B, 3, 64, 64) images -> (B,) logits (the article's sigmoid lives in the loss).
+
+    Features at 4x4 (8f channels), then one 4x4 convolution to the logit. `arch="dcgan"` halves the
+    size with 4x4 stride-2 convolutions (the article's); `"resnet"` with residual blocks, never with BN.
+    """
 
     def __init__(
         self,
@@ -175,20 +269,31 @@ class Discriminator(nn.Module):
         channels: int = IMAGE_SHAPE[0],
         init: str = "default",
         num_classes: int = 0,
+        arch: str = "dcgan",
+        minibatch_std: int = 0,
     ):
         super().__init__()
-        _check_init(init)
+        _check_choice("init", init, INITS)
+        _check_choice("arch", arch, ARCHS)
         self.num_classes = num_classes
+        self.minibatch_std = minibatch_std
         if batch_norm is None:
             batch_norm = not spectral_norm
         f = filters
-        layers: list[nn.Module] = [nn.Conv2d(channels, f, kernel_size=4, stride=2, padding=1), _act(activation)]
-        for c_in, c_out in ((f, f * 2), (f * 2, f * 4), (f * 4, f * 8)):
-            layers.append(nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1))
-            if batch_norm:
-                layers.append(nn.BatchNorm2d(c_out))
+        widths = ((f, f * 2), (f * 2, f * 4), (f * 4, f * 8))
+        if arch == "dcgan":
+            layers: list[nn.Module] = [nn.Conv2d(channels, f, kernel_size=4, stride=2, padding=1), _act(activation)]
+            for c_in, c_out in widths:
+                layers.append(nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1))
+                if batch_norm:
+                    layers.append(nn.BatchNorm2d(c_out))
+                layers.append(_act(activation))
+        else:
+            layers = [ResBlockDown(channels, f, activation, first=True)]
+            layers += [ResBlockDown(c_in, c_out, activation) for c_in, c_out in widths]
             layers.append(_act(activation))
-        layers.append(nn.Conv2d(f * 8, 1, kernel_size=4, stride=1, padding=0))
+        extra = 1 if minibatch_std else 0
+        layers.append(nn.Conv2d(f * 8 + extra, 1, kernel_size=4, stride=1, padding=0))
         self.pipe = nn.Sequential(*layers)
         self.embed = nn.Embedding(num_classes, f * 8) if num_classes else None
         if self.embed is not None:
@@ -197,18 +302,21 @@ class Discriminator(nn.Module):
             dcgan_init_(self)
         if spectral_norm:
             # After init: the parametrisation normalises whatever weights it is given.
-            for m in self.pipe:
+            for m in self.pipe.modules():
                 if isinstance(m, nn.Conv2d):
                     nn.utils.parametrizations.spectral_norm(m)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if self.embed is None:
+        if self.embed is None and not self.minibatch_std:
             return self.pipe(x).view(-1)
+        features = self.pipe[:-1](x)
+        head_in = minibatch_std(features, self.minibatch_std) if self.minibatch_std else features
+        logits = self.pipe[-1](head_in).view(-1)
+        if self.embed is None:
+            return logits
         if labels is None:
             raise ValueError("this discriminator is class-conditional: pass the game labels")
-        features = self.pipe[:-1](x)
-        projection = (self.embed(labels.long()).to(features.dtype) * features.sum(dim=(2, 3))).sum(dim=1)
-        return self.pipe[-1](features).view(-1) + projection
+        return logits + (self.embed(labels.long()).to(features.dtype) * features.sum(dim=(2, 3))).sum(dim=1)
 
 
 def model_kwargs(params: Params) -> dict[str, dict]:
@@ -217,14 +325,17 @@ def model_kwargs(params: Params) -> dict[str, dict]:
     classes = len(params.collect.games) if m.conditional else 0
     return {
         "generator": {"latent_dim": m.latent_dim, "filters": m.gen_filters, "init": t.init, "upsample": m.upsample,
-                      "num_classes": classes, "palette_size": m.palette_size},
+                      "num_classes": classes, "palette_size": m.palette_size, "arch": m.arch, "skip_rgb": m.skip_rgb},
         "discriminator": {
             "num_classes": classes,
             "filters": m.disc_filters,
             "activation": t.d_activation,
             "spectral_norm": t.spectral_norm,
-            "batch_norm": not (t.spectral_norm or t.loss == "wgan-gp"),
+            # Per-sample penalties (WGAN-GP, R1) and spectral norm go without BN in D, as in their papers.
+            "batch_norm": not (t.spectral_norm or t.loss == "wgan-gp" or t.r1_gamma > 0) and m.arch == "dcgan",
             "init": t.init,
+            "arch": m.arch,
+            "minibatch_std": m.minibatch_std,
         },
     }
 

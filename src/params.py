@@ -102,9 +102,15 @@ class ModelParams(_Section):
     latent_dim: int = Field(100, gt=0)
     gen_filters: int = Field(32, gt=0)
     disc_filters: int = Field(32, gt=0)
-    upsample: Literal["transposed", "nearest"] = Field(
-        "transposed", description="generator upsampling: transposed convs (the article's) | nearest resize + 3x3 conv"
+    arch: Literal["dcgan", "resnet"] = Field(
+        "dcgan", description="dcgan (the article's conv stacks) | resnet (residual blocks in G and D, no BN in D)"
     )
+    upsample: Literal["transposed", "nearest", "bilinear"] = Field(
+        "transposed", description="generator upsampling: transposed convs (the article's) | nearest or bilinear resize "
+                                  "+ 3x3 conv"
+    )
+    skip_rgb: bool = Field(False, description="G paints RGB at 8, 16, 32 and 64 px and sums them (StyleGAN2 skips)")
+    minibatch_std: int = Field(0, ge=0, description="D sees feature std over groups of N images; 0 = off")
     conditional: bool = Field(False, description="condition G and D on the game label")
     palette_size: int = Field(
         16, ge=0, le=256, description="drawn screens take the training frames' N commonest colours; 0 = off"
@@ -130,6 +136,8 @@ class TrainParams(_Section):
     beta2: float = Field(0.909, ge=0, lt=1)
     loss: Literal["bce", "hinge", "wgan-gp"] = "bce"
     gp_weight: float = Field(10.0, ge=0)
+    r1_gamma: float = Field(0.0, ge=0, description="R1 penalty on real images (Mescheder et al. 2018); 0 = off")
+    r1_every: int = Field(16, ge=1, description="lazy R1: apply it every N steps, scaled by N (StyleGAN2)")
     d_steps: int = Field(1, ge=1, description="discriminator updates per generator update")
     d_activation: Literal["relu", "leaky_relu"] = "leaky_relu"
     init: Literal["default", "dcgan"] = "dcgan"
@@ -238,8 +246,8 @@ class Params(_Section):
 
 
 # The article's recipe, applied whole by `train.recipe: article` whatever else params.yaml says.
-ARTICLE_MODEL = {"latent_dim": 100, "gen_filters": 64, "disc_filters": 64, "upsample": "transposed", "conditional": False,
-                 "palette_size": 0}
+ARTICLE_MODEL = {"latent_dim": 100, "gen_filters": 64, "disc_filters": 64, "arch": "dcgan", "upsample": "transposed",
+                 "skip_rgb": False, "minibatch_std": 0, "conditional": False, "palette_size": 0}
 ARTICLE_TRAIN = {
     "batch_size": 16,
     "lr_g": 1e-4,
@@ -251,6 +259,7 @@ ARTICLE_TRAIN = {
     "d_activation": "relu",
     "init": "default",
     "spectral_norm": False,
+    "r1_gamma": 0.0,
     "ema_decay": 0.0,
     "lr_decay": "none",
     "augment": "",

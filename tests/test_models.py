@@ -17,10 +17,11 @@ def article_params() -> Params:
     return effective(
         parse_params(
             {
-                "model": {"latent_dim": 7, "gen_filters": 5, "disc_filters": 3, "upsample": "nearest"},
+                "model": {"latent_dim": 7, "gen_filters": 5, "disc_filters": 3, "upsample": "nearest",
+                          "arch": "resnet", "skip_rgb": True, "minibatch_std": 4},
                 "train": {"recipe": "article", "batch_size": 99, "lr_g": 0.5, "lr_d": 0.5, "beta1": 0.1,
                           "loss": "hinge", "d_activation": "leaky_relu", "init": "dcgan", "spectral_norm": True,
-                          "ema_decay": 0.9, "augment": "color"},
+                          "ema_decay": 0.9, "augment": "color", "r1_gamma": 10.0},
             }
         )
     )
@@ -92,8 +93,9 @@ def test_article_recipe_overrides_everything():
         100, 64, 64, "transposed")
     t = p.train
     assert (t.batch_size, t.lr_g, t.lr_d, t.beta1, t.beta2) == (16, 1e-4, 1e-4, 0.5, 0.999)
-    assert (t.loss, t.d_activation, t.init, t.spectral_norm, t.ema_decay, t.augment, t.d_steps) == (
-        "bce", "relu", "default", False, 0.0, "", 1)
+    assert (t.loss, t.d_activation, t.init, t.spectral_norm, t.ema_decay, t.augment, t.d_steps, t.r1_gamma) == (
+        "bce", "relu", "default", False, 0.0, "", 1, 0.0)
+    assert (p.model.arch, p.model.skip_rgb, p.model.minibatch_std) == ("dcgan", False, 0)
 
 
 def test_article_architecture_layers_and_parameter_counts():
@@ -184,7 +186,7 @@ def test_wgan_gp_critic_has_no_batch_norm_and_options_reach_the_models():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in disc.modules())
     assert any(isinstance(m, nn.LeakyReLU) for m in disc.modules())
     assert kwargs["generator"] == {"latent_dim": 100, "filters": 32, "init": "dcgan", "upsample": "transposed",
-                                   "num_classes": 0, "palette_size": 16}
+                                   "num_classes": 0, "palette_size": 16, "arch": "dcgan", "skip_rgb": False}
 
 
 def test_nearest_upsampling_generator_has_no_transposed_convs_after_the_first_layer():
@@ -194,8 +196,104 @@ def test_nearest_upsampling_generator_has_no_transposed_convs_after_the_first_la
     assert kinds.count("Upsample") == 4 and kinds.count("Conv2d") == 4
     out = gen(torch.randn(3, 8, 1, 1))
     assert out.shape == (3, 3, 64, 64) and out.abs().max() <= 1
-    with pytest.raises(ValueError, match="upsample='bilinear'; allowed: transposed, nearest"):
-        Generator(upsample="bilinear")
+    with pytest.raises(ValueError, match="upsample='cubic'; allowed: transposed, nearest, bilinear"):
+        Generator(upsample="cubic")
+
+
+def test_bilinear_upsampling_resizes_bilinearly():
+    gen, _ = build_models(parse_params({"model": {"latent_dim": 8, "gen_filters": 4, "upsample": "bilinear"}}))
+    modes = [m.mode for m in gen.modules() if isinstance(m, nn.Upsample)]
+    assert modes == ["bilinear"] * 4
+    assert gen(torch.randn(2, 8, 1, 1)).shape == (2, 3, 64, 64)
+
+
+def small_model(**model) -> tuple[Generator, Discriminator]:
+    return build_models(parse_params({"model": {"latent_dim": 8, "gen_filters": 4, "disc_filters": 4, **model}}))
+
+
+@pytest.mark.parametrize("upsample", ["transposed", "nearest", "bilinear"])
+def test_resnet_arch_has_residual_blocks_and_no_batch_norm_in_d(upsample):
+    from src.models import ResBlockDown, ResBlockUp
+
+    gen, disc = small_model(arch="resnet", upsample=upsample, palette_size=0)
+    assert sum(isinstance(m, ResBlockUp) for m in gen.modules()) == 4
+    assert sum(isinstance(m, ResBlockDown) for m in disc.modules()) == 4
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in disc.modules())
+    images = gen(torch.randn(3, 8, 1, 1))
+    assert images.shape == (3, 3, 64, 64) and images.abs().max() <= 1
+    assert disc(images).shape == (3,)
+    # The shortcut carries signal: zeroing a block's residual branch leaves its output non-zero.
+    block = next(m for m in gen.modules() if isinstance(m, ResBlockUp))
+    with torch.no_grad():
+        block.residual[-1].weight.zero_()
+        block.residual[-1].bias.zero_()
+    x = torch.randn(2, 32, 4, 4)
+    assert torch.equal(block(x), block.shortcut(x)) and block(x).abs().sum() > 0
+
+
+def test_skip_rgb_sums_the_rgb_of_every_resolution():
+    torch.manual_seed(0)
+    gen, _ = small_model(skip_rgb=True, palette_size=0)
+    assert len(gen.to_rgb) == 3  # 8, 16 and 32 px; 64 px is the pipe's own last layer
+    z = torch.randn(2, 8, 1, 1)
+    out = gen(z)
+    assert out.shape == (2, 3, 64, 64) and out.abs().max() <= 1
+    # Only the 8 px RGB left: the image is that 8x8 picture, bilinearly doubled three times, through tanh.
+    with torch.no_grad():
+        last = gen.pipe[-2]
+        last.weight.zero_()
+        last.bias.zero_()
+        for key in list(gen.to_rgb)[1:]:
+            gen.to_rgb[key].weight.zero_()
+            gen.to_rgb[key].bias.zero_()
+        coarse = gen.to_rgb[list(gen.to_rgb)[0]](gen.pipe[: int(list(gen.to_rgb)[0]) + 1](z))
+    assert coarse.shape[-1] == 8
+    for size in (16, 32, 64):
+        coarse = nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    expected = torch.tanh(coarse)
+    torch.testing.assert_close(gen(z), expected)
+
+
+def test_skip_rgb_only_adds_layers_to_the_plain_pipe():
+    plain, _ = small_model(palette_size=0)
+    skip, _ = small_model(palette_size=0, skip_rgb=True)
+    assert plain.to_rgb is None
+    extra = set(skip.state_dict()) - set(plain.state_dict())
+    assert set(plain.state_dict()) < set(skip.state_dict()) and all(k.startswith("to_rgb.") for k in extra)
+
+
+def test_minibatch_std_appends_the_group_std():
+    from src.models import minibatch_std
+
+    x = torch.randn(8, 5, 4, 4)
+    out = minibatch_std(x, 4)
+    assert out.shape == (8, 6, 4, 4) and torch.equal(out[:, :5], x)
+    groups = x.view(4, 2, 5, 4, 4)  # interleaved: image i is in group i % 2
+    expected = groups.var(dim=0, unbiased=False).add(1e-8).sqrt().mean(dim=(1, 2, 3))
+    torch.testing.assert_close(out[:, 5, 0, 0], expected.repeat(4))
+    assert minibatch_std(torch.randn(6, 2, 4, 4), 4).shape == (6, 3, 4, 4)  # 6 is not a multiple of 4: groups of 3
+    identical = minibatch_std(torch.ones(4, 2, 4, 4), 4)[:, 2]
+    assert identical.max() < 1e-3  # no variety, no std: what D uses to spot a collapsed G
+
+
+def test_minibatch_std_option_reaches_d_and_changes_its_head():
+    _, disc = small_model(minibatch_std=4)
+    assert disc.minibatch_std == 4 and disc.pipe[-1].in_channels == 4 * 8 + 1
+    x = torch.rand(4, 3, 64, 64) * 2 - 1
+    assert disc(x).shape == (4,)
+    # The logit of an image depends on the other images of its group.
+    changed = x.clone()
+    changed[1] = -changed[1]
+    assert not torch.allclose(disc(x)[0], disc(changed)[0])
+    _, plain = small_model()
+    plain.eval()
+    assert torch.allclose(plain(x)[:1], plain(x[:1]))
+
+
+def test_r1_drops_batch_norm_from_d():
+    params = parse_params({"train": {"r1_gamma": 1.0}})
+    assert model_kwargs(params)["discriminator"]["batch_norm"] is False
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in build_models(params)[1].modules())
 
 
 def test_conditional_models_use_the_game_label():

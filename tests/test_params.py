@@ -111,8 +111,8 @@ def test_good_device(device):
 
 
 def test_bad_upsample_lists_choices():
-    message = error_of({"model": {"upsample": "bilinear"}})
-    assert "model.upsample = 'bilinear'" in message and "'transposed'" in message and "'nearest'" in message
+    message = error_of({"model": {"upsample": "cubic"}})
+    assert "model.upsample = 'cubic'" in message and all(f"'{k}'" in message for k in ("transposed", "nearest", "bilinear"))
 
 
 def test_bad_interpolation_lists_choices():

@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import TINY_MODEL, TINY_TRAIN
@@ -52,11 +53,13 @@ DDP_RUNNER = textwrap.dedent(
 )
 
 
-def test_ddp_on_cpu_with_two_processes(snapshot, tmp_path):
+# Lazy R1 adds a second backward through D (autograd.grad on its input) every r1_every steps.
+@pytest.mark.parametrize("extra", [{}, {"r1_gamma": 1.0, "r1_every": 2}], ids=["plain", "lazy-r1"])
+def test_ddp_on_cpu_with_two_processes(snapshot, tmp_path, extra):
     script = tmp_path / "ddp_runner.py"
     script.write_text(DDP_RUNNER)
     cfg = {"params": {"model": TINY_MODEL, "train": {**TINY_TRAIN, "iterations": 6, "log_every": 3,
-                                                      "checkpoint_every": 3, "augment": "translation"}},
+                                                      "checkpoint_every": 3, "augment": "translation", **extra}},
            "snapshot": str(snapshot.path), "ckpt": str(tmp_path / "ckpt"), "out": str(tmp_path / "out")}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from src.training.loss import discriminator_loss, generator_loss, gradient_penalty
+from src.training.loss import discriminator_loss, generator_loss, gradient_penalty, r1_penalty
 
 
 # Losses and EMA -----------------------------------------------------------------------------
@@ -37,3 +37,11 @@ def test_gradient_penalty_of_a_linear_critic():
 
     gp = gradient_penalty(critic, torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4), torch.Generator().manual_seed(0))
     assert gp.item() == pytest.approx((w.norm().item() - 1) ** 2, rel=1e-5)
+
+
+def test_r1_penalty_of_a_quadratic_critic():
+    # D(x) = sum(x^2) / 2 per image has gradient x, so R1 = mean over images of ||x||^2.
+    real = torch.randn(5, 3, 4, 4)
+    r1 = r1_penalty(lambda x: x.pow(2).flatten(1).sum(1) / 2, real)
+    assert r1.item() == pytest.approx(real.flatten(1).pow(2).sum(1).mean().item(), rel=1e-5)
+    assert r1.requires_grad  # it trains D: the penalty is differentiable in D's weights

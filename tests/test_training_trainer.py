@@ -95,6 +95,40 @@ def test_other_losses_train_and_use_their_terms(loss, monkeypatch):
     assert len(calls) == (2 if loss == "wgan-gp" else 0)
 
 
+def test_lazy_r1_runs_every_r1_every_steps_with_its_weight(monkeypatch):
+    calls = []
+    real_r1 = trainer_module.r1_penalty
+
+    def spy(critic, real):
+        value = real_r1(critic, real)
+        calls.append(value.item())
+        return value
+
+    monkeypatch.setattr(trainer_module, "r1_penalty", spy)
+    trainer = trainer_for(tiny(r1_gamma=2.0, r1_every=3))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in trainer.D.modules())
+    weights = []
+    real_loss = trainer_module.discriminator_loss
+    monkeypatch.setattr(trainer_module, "discriminator_loss", lambda *a: weights.append(real_loss(*a)) or weights[-1])
+    rows = torch.stack([trainer.step() for _ in range(7)])
+    assert torch.isfinite(rows).all()
+    assert len(calls) == 3  # steps 0, 3 and 6
+    # The penalty enters D's loss as gamma / 2 * r1_every * R1: loss_d reported = plain loss + that.
+    regularised = [0, 3, 6]
+    for i, step in enumerate(regularised):
+        assert rows[step, 1].item() == pytest.approx(weights[step].item() + 2.0 / 2 * 3 * calls[i], rel=1e-4)
+    assert rows[1, 1].item() == pytest.approx(weights[1].item(), rel=1e-6)
+
+
+def test_new_architecture_options_train():
+    model = {**TINY_MODEL, "arch": "resnet", "upsample": "bilinear", "skip_rgb": True, "minibatch_std": 4}
+    trainer = trainer_for(parse_params({"model": model, "train": TINY_TRAIN}))
+    before = [p.detach().clone() for p in trainer.G.parameters()]
+    rows = torch.stack([trainer.step() for _ in range(2)])
+    assert torch.isfinite(rows).all()
+    assert all(not torch.equal(a, b) for a, b in zip(before, trainer.G.parameters(), strict=True))
+
+
 def test_ema_option_tracks_g_and_is_the_eval_generator():
     trainer = trainer_for(tiny(ema_decay=0.5, ema_warmup=0))
     start = [p.detach().clone() for p in trainer.ema.model.parameters()]

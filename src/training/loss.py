@@ -1,4 +1,4 @@
-"""The GAN losses: D's and G's loss for each `train.loss`, the WGAN gradient penalty, and the names a step reports."""
+"""The GAN losses: D's and G's loss for each `train.loss`, the WGAN gradient penalty, R1, and the names a step reports."""
 
 from __future__ import annotations
 
@@ -48,3 +48,11 @@ def gradient_penalty(
     out = discriminator(mixed)
     (grad,) = torch.autograd.grad(out.float().sum(), mixed, create_graph=True)
     return ((grad.float().flatten(1).norm(dim=1) - 1.0) ** 2).mean()
+
+
+def r1_penalty(discriminator: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor) -> torch.Tensor:
+    """Mescheder et al. 2018: E[||grad_x D(x)||^2] on real images (the caller scales it by gamma / 2)."""
+    real = real.detach().float().requires_grad_(True)
+    out = discriminator(real)
+    (grad,) = torch.autograd.grad(out.float().sum(), real, create_graph=True)
+    return grad.float().flatten(1).pow(2).sum(dim=1).mean()

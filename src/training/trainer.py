@@ -29,7 +29,7 @@ from src.models import build_models, palette_of
 from src.params import Params
 from src.training.distributed import ddp_kwargs, stream_seed
 from src.training.ema import EMA
-from src.training.loss import discriminator_loss, generator_loss, gradient_penalty
+from src.training.loss import discriminator_loss, generator_loss, gradient_penalty, r1_penalty
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,12 @@ class GANTrainer:
         self.G = generator.to(device, memory_format=self.memory_format)
         self.D = discriminator.to(device, memory_format=self.memory_format)
         self.ema = EMA(self.G, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
-        self.graphed = t.cuda_graphs and device.type == "cuda" and world_size == 1 and not t.compile
+        # Lazy R1 makes two kinds of step (with and without the penalty); one captured graph holds one kind.
+        lazy_r1 = t.r1_gamma > 0 and t.r1_every > 1
+        self.graphed = t.cuda_graphs and device.type == "cuda" and world_size == 1 and not t.compile and not lazy_r1
         if t.cuda_graphs and device.type == "cuda" and not self.graphed:
-            log.warning("train.cuda_graphs needs one process and train.compile: false; running eagerly")
+            log.warning("train.cuda_graphs needs one process, train.compile: false and no lazy R1 "
+                        "(train.r1_every: 1 or train.r1_gamma: 0); running eagerly")
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_out: torch.Tensor | None = None
         self._warm_steps = 0
@@ -201,6 +204,7 @@ class GANTrainer:
 
     def _step(self) -> torch.Tensor:
         t = self.t
+        regularise = t.r1_gamma > 0 and self.step_count % t.r1_every == 0
         for k in range(t.d_steps):
             last = k == t.d_steps - 1
             real, labels = self._real()
@@ -214,9 +218,12 @@ class GANTrainer:
                 real_logits = self._d_run(real_in, *cond)
                 fake_logits = self._d_run(fake_in, *cond)
                 loss_d = discriminator_loss(t.loss, real_logits, fake_logits)
+                critic = functools.partial(self._d_run, labels=labels) if cond else self._d_run
                 if t.loss == "wgan-gp":
-                    critic = functools.partial(self._d_run, labels=labels) if cond else self._d_run
                     loss_d = loss_d + t.gp_weight * gradient_penalty(critic, real_in, fake_in, self.rng)
+                if regularise and last:
+                    # Lazy regularisation (StyleGAN2): every r1_every-th step, weighted r1_every times.
+                    loss_d = loss_d + (t.r1_gamma / 2 * t.r1_every) * r1_penalty(critic, real_in)
             self.opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             self.opt_d.step()
