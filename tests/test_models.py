@@ -281,6 +281,7 @@ def test_minibatch_std_option_reaches_d_and_changes_its_head():
     assert disc.minibatch_std == 4 and disc.pipe[-1].in_channels == 4 * 8 + 1
     x = torch.rand(4, 3, 64, 64) * 2 - 1
     assert disc(x).shape == (4,)
+    disc.eval()  # BN on running statistics: only the std channel can couple the images of a batch
     # The logit of an image depends on the other images of its group.
     changed = x.clone()
     changed[1] = -changed[1]
