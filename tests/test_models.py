@@ -277,18 +277,22 @@ def test_minibatch_std_appends_the_group_std():
 
 
 def test_minibatch_std_option_reaches_d_and_changes_its_head():
+    torch.manual_seed(0)
     _, disc = small_model(minibatch_std=4)
-    assert disc.minibatch_std == 4 and disc.pipe[-1].in_channels == 4 * 8 + 1
+    head = disc.pipe[-1]
+    assert disc.minibatch_std == 4 and head.in_channels == 4 * 8 + 1
     x = torch.rand(4, 3, 64, 64) * 2 - 1
     assert disc(x).shape == (4,)
     disc.eval()  # BN on running statistics: only the std channel can couple the images of a batch
-    # The logit of an image depends on the other images of its group.
+    with torch.no_grad():  # the head reads the std channel alone, as a trained D could
+        head.weight.zero_()
+        head.weight[:, -1] = 1.0
+        head.bias.zero_()
+    logits = disc(x)
+    assert torch.allclose(logits, logits[:1].expand(4)) and logits[0] > 0  # one group: one std, one logit
     changed = x.clone()
     changed[1] = -changed[1]
-    assert not torch.allclose(disc(x)[0], disc(changed)[0])
-    _, plain = small_model()
-    plain.eval()
-    assert torch.allclose(plain(x)[:1], plain(x[:1]))
+    assert not torch.allclose(disc(x)[0], disc(changed)[0])  # image 0's logit moves with image 1
 
 
 def test_r1_drops_batch_norm_from_d():
