@@ -1,4 +1,5 @@
-"""One training step and each option of it (src/training/trainer.py): detach, losses, EMA, augment, precision, palette, conditional, compile."""
+"""One training step and each option of it (src/training/trainer.py): detach, losses, R1, EMA, augment, precision,
+palette, conditional, architectures, compile."""
 
 from __future__ import annotations
 
@@ -107,17 +108,18 @@ def test_lazy_r1_runs_every_r1_every_steps_with_its_weight(monkeypatch):
     monkeypatch.setattr(trainer_module, "r1_penalty", spy)
     trainer = trainer_for(tiny(r1_gamma=2.0, r1_every=3))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in trainer.D.modules())
-    weights = []
+    plain_losses = []
     real_loss = trainer_module.discriminator_loss
-    monkeypatch.setattr(trainer_module, "discriminator_loss", lambda *a: weights.append(real_loss(*a)) or weights[-1])
+    monkeypatch.setattr(trainer_module, "discriminator_loss",
+                        lambda *a: plain_losses.append(real_loss(*a)) or plain_losses[-1])
     rows = torch.stack([trainer.step() for _ in range(7)])
     assert torch.isfinite(rows).all()
     assert len(calls) == 3  # steps 0, 3 and 6
     # The penalty enters D's loss as gamma / 2 * r1_every * R1: loss_d reported = plain loss + that.
     regularised = [0, 3, 6]
     for i, step in enumerate(regularised):
-        assert rows[step, 1].item() == pytest.approx(weights[step].item() + 2.0 / 2 * 3 * calls[i], rel=1e-4)
-    assert rows[1, 1].item() == pytest.approx(weights[1].item(), rel=1e-6)
+        assert rows[step, 1].item() == pytest.approx(plain_losses[step].item() + 2.0 / 2 * 3 * calls[i], rel=1e-4)
+    assert rows[1, 1].item() == pytest.approx(plain_losses[1].item(), rel=1e-6)
 
 
 def test_new_architecture_options_train():
