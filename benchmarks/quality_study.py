@@ -147,7 +147,8 @@ def run_one(recipe: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     from src.models import build_models, palette_of, snap_images
     from src.training import train_gan
 
-    params = study_params(load_params(), recipe, seed, args.budget_s, args.fid_every, args.fid_samples,
+    base = load_params()
+    params = study_params(base, recipe, seed, args.budget_s, args.fid_every, args.fid_samples,
                           args.samples, args.device, args.iterations, args.inception_weights)
     device = torch.device(args.device)
     snapshot = load_snapshot(STUDY_SNAPSHOT)
@@ -169,12 +170,13 @@ def run_one(recipe: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     result = train_gan(params, snapshot, checkpoint_dir=checkpoint_dir, fid_fn=fid_fn, progress=False)
     # --fid-every 0 keeps no best step: the run is scored on its last eval generator.
     kept = result.best_state or {k: v.detach().cpu() for k, v in result.eval_generator.state_dict().items()}
-    generator, _ = build_models(effective(params))
+    ran = effective(params)
+    generator, _ = build_models(ran)
     generator.load_state_dict(kept)
     generator.to(device)
     extractor = InceptionFeatures(resolve_inception_weights(args.inception_weights), device=device, batch_size=100)
     # Raw recipes are drawn with params.yaml's palette too, so both columns exist for every run.
-    palette_size = params.model.palette_size or load_params().model.palette_size
+    palette_size = params.model.palette_size or base.model.palette_size
     metrics, fake = evaluate_generator(generator, snapshot, extractor, latent_dim=params.model.latent_dim,
                                        num_samples=args.samples, kid_subset_size=params.evaluate.kid_subset_size,
                                        seed=seed, palette_size=palette_size, cache_dir=FEATURE_CACHE)
@@ -187,7 +189,7 @@ def run_one(recipe: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         "recipe": recipe,
         "seed": seed,
         "overrides": RECIPES[recipe],
-        "settings": {"model": effective(params).model.model_dump(), "train": effective(params).train.model_dump()},
+        "settings": {"model": ran.model.model_dump(), "train": ran.train.model_dump()},
         "date": dt.date.today().isoformat(),
         "machine": machine(device),
         "device": str(device),
