@@ -58,8 +58,10 @@ TEXTBOOK = {"train.recipe": "custom", "model.gen_filters": 64, "model.disc_filte
             "train.d_activation": "leaky_relu", "train.init": "dcgan", "train.spectral_norm": False,
             "train.ema_decay": 0.999, "train.ema_warmup": 1000, "train.augment": "", "train.lr_decay": "none",
             "model.palette_size": 0, "model.upsample": "transposed", "model.conditional": False,
-            "model.arch": "dcgan", "model.skip_rgb": False, "model.minibatch_std": 0, "train.r1_gamma": 0.0}
+            "model.arch": "dcgan", "model.skip_rgb": False, "model.minibatch_std": 0, "train.r1_gamma": 0.0,
+            "model.palette_head": False}
 SMALL = {**TEXTBOOK, "model.gen_filters": 32, "model.disc_filters": 32, "train.batch_size": 32}
+R1_MBSTD = {**SMALL, **TUNED_LR, "train.r1_gamma": 0.1, "model.minibatch_std": 4}  # the cpu profile's recipe
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},  # params.yaml as it is
     "article": {"train.recipe": "article"},
@@ -106,12 +108,19 @@ RECIPES: dict[str, dict[str, Any]] = {
     "small-tuned-skip": {**SMALL, **TUNED_LR, "model.skip_rgb": True},
     "small-tuned-skip-bilinear": {**SMALL, **TUNED_LR, "model.skip_rgb": True, "model.upsample": "bilinear"},
     "small-tuned-mbstd": {**SMALL, **TUNED_LR, "model.minibatch_std": 4},
-    "small-tuned-r1-mbstd": {**SMALL, **TUNED_LR, "train.r1_gamma": 0.1, "model.minibatch_std": 4},
+    "small-tuned-r1-mbstd": R1_MBSTD,
     "small-tuned-skip-mbstd": {**SMALL, **TUNED_LR, "model.skip_rgb": True, "model.minibatch_std": 4},
-    "small-tuned-r1-mbstd-cond": {**SMALL, **TUNED_LR, "train.r1_gamma": 0.1, "model.minibatch_std": 4,
-                                  "model.conditional": True},  # the game mix set by labels, not left to G
+    # the game mix set by labels, not left to G
+    "small-tuned-r1-mbstd-cond": {**R1_MBSTD, "model.conditional": True},
     "resnet16-tuned": {**SMALL, **TUNED_LR, "model.arch": "resnet", "model.gen_filters": 16,
                        "model.disc_filters": 16},
+    # Fourth round: R1 + minibatch std made longer training pay; these try to get there sooner.
+    "small-tuned-r1-mbstd-lr2x": {**R1_MBSTD, "train.lr_g": 5.48e-4, "train.lr_d": 2.84e-3},
+    "small-tuned-r1-mbstd-lrg2x": {**R1_MBSTD, "train.lr_g": 5.48e-4},
+    "small-tuned-r1-mbstd-b16": {**R1_MBSTD, "train.batch_size": 16},
+    "small-tuned-r1-mbstd-w24": {**R1_MBSTD, "model.gen_filters": 24, "model.disc_filters": 24},
+    "small-tuned-r1-mbstd-ema995": {**R1_MBSTD, "train.ema_decay": 0.995},
+    "small-tuned-r1-mbstd-palhead": {**R1_MBSTD, "model.palette_size": 16, "model.palette_head": True},
 }
 
 

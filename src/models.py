@@ -32,7 +32,9 @@ snapshot 97% of pixels are one of the 16 commonest colours), so a generator in e
 draws screens, snaps each pixel to the nearest of the training frames' commonest colours: this removes
 the coloured high-frequency noise a briefly trained DCGAN paints. Training sees the raw output: snapping
 inside the training step too (straight-through gradients) was measured slower and no better
-(benchmarks/RESULTS.md).
+(benchmarks/RESULTS.md). `palette_head` builds the palette into G instead: its last layer paints one
+logit per palette colour and each pixel is the softmax-weighted mix of those colours, so the raw output
+is already made of screen colours and D judges the same kind of image the snap would draw.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ class Generator(nn.Module):
 
     def __init__(self, latent_dim: int = 100, filters: int = 64, channels: int = IMAGE_SHAPE[0], init: str = "default",
                  upsample: str = "transposed", num_classes: int = 0, palette_size: int = 0, arch: str = "dcgan",
-                 skip_rgb: bool = False):
+                 skip_rgb: bool = False, palette_head: bool = False):
         super().__init__()
         _check_choice("init", init, INITS)
         _check_choice("upsample", upsample, UPSAMPLE_KINDS)
@@ -98,11 +100,16 @@ class Generator(nn.Module):
         if num_classes:
             # The training frames' game mix, set by the trainer; labels default to it when not given.
             self.register_buffer("class_freq", torch.full((num_classes,), 1.0 / num_classes))
+        if palette_head and palette_size < 2:
+            raise ValueError(f"palette_head needs a palette of 2 or more colours, got palette_size={palette_size}")
         self.palette_size = palette_size
+        self.palette_head = palette_head
         if palette_size:
             # Colours in [-1, 1], commonest first; set from the training frames by the trainer.
             self.register_buffer("palette", torch.zeros(palette_size, channels))
         f = filters
+        # A palette head paints one logit per palette colour; the pipe ends in their softmax, mixed in forward.
+        out_channels, last = (palette_size, nn.Softmax(dim=1)) if palette_head else (channels, nn.Tanh())
         layers: list[nn.Module] = [
             nn.ConvTranspose2d(latent_dim + num_classes, f * 8, kernel_size=4, stride=1, padding=0),
             nn.BatchNorm2d(f * 8),
@@ -117,12 +124,12 @@ class Generator(nn.Module):
                 layers.append(ResBlockUp(c_in, c_out, upsample))
             taps[str(len(layers) - 1)] = c_out
         if arch == "dcgan":
-            layers += [_up(f, channels, upsample), nn.Tanh()]
+            layers += [_up(f, out_channels, upsample), last]
         else:
             layers += [ResBlockUp(f, f, upsample), nn.BatchNorm2d(f), nn.ReLU(),
-                       nn.Conv2d(f, channels, kernel_size=3, padding=1), nn.Tanh()]
+                       nn.Conv2d(f, out_channels, kernel_size=3, padding=1), last]
         self.pipe = nn.Sequential(*layers)
-        self.to_rgb = nn.ModuleDict({i: nn.Conv2d(c, channels, kernel_size=1) for i, c in taps.items()}) \
+        self.to_rgb = nn.ModuleDict({i: nn.Conv2d(c, out_channels, kernel_size=1) for i, c in taps.items()}) \
             if skip_rgb else None
         if init == "dcgan":
             dcgan_init_(self)
@@ -134,17 +141,20 @@ class Generator(nn.Module):
             onehot = nn.functional.one_hot(labels.long(), self.num_classes).to(z.dtype)
             z = torch.cat([z, onehot.view(len(z), self.num_classes, 1, 1)], dim=1)
         x = self.pipe(z) if self.to_rgb is None else self._skip_forward(z)
+        if self.palette_head:  # each pixel a convex mix of palette colours, weighted by the softmax
+            x = torch.einsum("bkhw,kc->bchw", x, self.palette.to(x.dtype))
         return snap_to_palette(x, self.palette) if self.palette_size and not self.training else x
 
     def _skip_forward(self, z: torch.Tensor) -> torch.Tensor:
-        """The pipe, with each tapped resolution's RGB added to the upsampled sum of the coarser ones."""
+        """The pipe, with each tapped resolution's RGB (or palette logits) added to the upsampled sum of the
+        coarser ones, before the last activation."""
         rgb = None
         x = z
         for i, layer in enumerate(self.pipe[:-1]):  # all but the final tanh
             x = layer(x)
             if str(i) in self.to_rgb:
                 rgb = self.to_rgb[str(i)](x) + (0 if rgb is None else _upsample_to(rgb, x))
-        return torch.tanh(x + _upsample_to(rgb, x))
+        return self.pipe[-1](x + _upsample_to(rgb, x))
 
 
 def _upsample_to(image: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -325,7 +335,8 @@ def model_kwargs(params: Params) -> dict[str, dict]:
     classes = len(params.collect.games) if m.conditional else 0
     return {
         "generator": {"latent_dim": m.latent_dim, "filters": m.gen_filters, "init": t.init, "upsample": m.upsample,
-                      "num_classes": classes, "palette_size": m.palette_size, "arch": m.arch, "skip_rgb": m.skip_rgb},
+                      "num_classes": classes, "palette_size": m.palette_size, "arch": m.arch, "skip_rgb": m.skip_rgb,
+                      "palette_head": m.palette_head},
         "discriminator": {
             "num_classes": classes,
             "filters": m.disc_filters,

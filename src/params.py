@@ -116,12 +116,23 @@ class ModelParams(_Section):
         16, ge=0, le=256, description="drawn screens take the training frames' N commonest colours; 0 = off"
     )
 
+    palette_head: bool = Field(
+        False, description="G paints each pixel as a softmax mix of the palette's colours (needs palette_size >= 2)"
+    )
+
     @field_validator("palette_size")
     @classmethod
     def _palette_size(cls, size: int) -> int:
         if size == 1:
             raise ValueError("a palette of 1 colour draws blank screens; use 0 (off) or 2..256")
         return size
+
+    @model_validator(mode="after")
+    def _palette_head_has_palette(self) -> ModelParams:
+        if self.palette_head and self.palette_size < 2:
+            raise ValueError(f"palette_head: true needs a palette to mix; palette_size is {self.palette_size}: "
+                             "set model.palette_size to 2..256 (16 is the default) or palette_head to false")
+        return self
 
 
 class TrainParams(_Section):
@@ -247,7 +258,8 @@ class Params(_Section):
 
 # The article's recipe, applied whole by `train.recipe: article` whatever else params.yaml says.
 ARTICLE_MODEL = {"latent_dim": 100, "gen_filters": 64, "disc_filters": 64, "arch": "dcgan", "upsample": "transposed",
-                 "skip_rgb": False, "minibatch_std": 0, "conditional": False, "palette_size": 0}
+                 "skip_rgb": False, "minibatch_std": 0, "conditional": False, "palette_size": 0,
+                 "palette_head": False}
 ARTICLE_TRAIN = {
     "batch_size": 16,
     "lr_g": 1e-4,

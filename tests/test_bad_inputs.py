@@ -78,6 +78,8 @@ ROWS = [
     ("bad-augment", "train", [], {"train.augment": "blur"}, None, "unknown augmentation 'blur'"),
     ("bad-recipe", "train", [], {"train.recipe": "paper"}, None, "train.recipe"),
     ("palette-one", "train", [], {"model.palette_size": 1}, None, "a palette of 1 colour draws blank screens"),
+    ("palette-head-no-palette", "train", [], {"model.palette_head": True, "model.palette_size": 0}, None,
+     "palette_head: true needs a palette to mix; palette_size is 0"),
     ("bad-upsample", "train", [], {"model.upsample": "cubic"}, None, "model.upsample"),
     ("filters-zero", "train", [], {"model.gen_filters": 0}, None, "model.gen_filters = 0"),
     ("bad-arch", "train", [], {"model.arch": "vgg"}, None, "model.arch = 'vgg'"),

@@ -18,7 +18,7 @@ def article_params() -> Params:
         parse_params(
             {
                 "model": {"latent_dim": 7, "gen_filters": 5, "disc_filters": 3, "upsample": "nearest",
-                          "arch": "resnet", "skip_rgb": True, "minibatch_std": 4},
+                          "arch": "resnet", "skip_rgb": True, "minibatch_std": 4, "palette_head": True},
                 "train": {"recipe": "article", "batch_size": 99, "lr_g": 0.5, "lr_d": 0.5, "beta1": 0.1,
                           "loss": "hinge", "d_activation": "leaky_relu", "init": "dcgan", "spectral_norm": True,
                           "ema_decay": 0.9, "augment": "color", "r1_gamma": 10.0},
@@ -186,7 +186,8 @@ def test_wgan_gp_critic_has_no_batch_norm_and_options_reach_the_models():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in disc.modules())
     assert any(isinstance(m, nn.LeakyReLU) for m in disc.modules())
     assert kwargs["generator"] == {"latent_dim": 100, "filters": 32, "init": "dcgan", "upsample": "transposed",
-                                   "num_classes": 0, "palette_size": 16, "arch": "dcgan", "skip_rgb": False}
+                                   "num_classes": 0, "palette_size": 16, "arch": "dcgan", "skip_rgb": False,
+                                   "palette_head": False}
 
 
 def test_nearest_upsampling_generator_has_no_transposed_convs_after_the_first_layer():
@@ -397,6 +398,44 @@ def test_palette_generator_draws_only_palette_colours_and_trains_on_raw_output()
     assert not (raw.detach().permute(0, 2, 3, 1).reshape(-1, 3)[:, None, :] == colours[None]).all(dim=2).any(dim=1).all()
     raw.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.parameters())
+
+
+@pytest.mark.parametrize("skip_rgb", [False, True])
+def test_palette_head_paints_softmax_mixes_of_the_palette(skip_rgb):
+    params = parse_params({"model": {"latent_dim": 8, "gen_filters": 4, "palette_size": 5, "palette_head": True,
+                                     "skip_rgb": skip_rgb}})
+    gen, _ = build_models(params)
+    colours = torch.tensor([[-1.0, -1, -1], [1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -0.5, 0.25]])
+    gen.palette.copy_(colours)
+    z = torch.randn(3, 8, 1, 1)
+    gen.train()
+    raw = gen(z)
+    raw.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.parameters())
+    # Every raw pixel is a convex mix: inside the palette's colour box, and not already snapped.
+    pixels = raw.detach().permute(0, 2, 3, 1).reshape(-1, 3)
+    assert (pixels >= colours.min(0).values - 1e-6).all() and (pixels <= colours.max(0).values + 1e-6).all()
+    assert not (pixels[:, None, :] == colours[None]).all(dim=2).any(dim=1).all()
+    # With the logit layers silenced, the mix is the plain mean colour; one dominant logit paints that colour.
+    last_layers = [gen.pipe[-2], *(gen.to_rgb.values() if skip_rgb else [])]
+    with torch.no_grad():
+        for layer in last_layers:
+            layer.weight.zero_()
+            layer.bias.zero_()
+        assert torch.allclose(gen(z), colours.mean(0).view(1, 3, 1, 1).expand(3, 3, 64, 64), atol=1e-6)
+        gen.pipe[-2].bias[4] = 50.0
+        assert torch.allclose(gen(z), colours[4].view(1, 3, 1, 1).expand(3, 3, 64, 64), atol=1e-6)
+    gen.eval()
+    drawn = gen(z).permute(0, 2, 3, 1).reshape(-1, 3)
+    assert (drawn[:, None, :] == colours[None]).all(dim=2).any(dim=1).all()
+
+
+def test_palette_head_needs_a_palette():
+    with pytest.raises(ParamsError, match="palette_head: true needs a palette to mix; palette_size is 0"):
+        parse_params({"model": {"palette_head": True, "palette_size": 0}})
+    with pytest.raises(ValueError, match="palette_head needs a palette of 2 or more colours"):
+        Generator(palette_head=True, palette_size=0)
+    assert not build_models(parse_params({"model": {"palette_size": 16}}))[0].palette_head
 
 
 def test_snap_to_palette_picks_the_nearest_colour():

@@ -123,12 +123,14 @@ def test_lazy_r1_runs_every_r1_every_steps_with_its_weight(monkeypatch):
 
 
 def test_new_architecture_options_train():
-    model = {**TINY_MODEL, "arch": "resnet", "upsample": "bilinear", "skip_rgb": True, "minibatch_std": 4}
+    model = {**TINY_MODEL, "arch": "resnet", "upsample": "bilinear", "skip_rgb": True, "minibatch_std": 4,
+             "palette_size": 4, "palette_head": True}
     trainer = trainer_for(parse_params({"model": model, "train": TINY_TRAIN}))
     before = [p.detach().clone() for p in trainer.G.parameters()]
     rows = torch.stack([trainer.step() for _ in range(2)])
     assert torch.isfinite(rows).all()
     assert all(not torch.equal(a, b) for a, b in zip(before, trainer.G.parameters(), strict=True))
+    assert trainer.G.palette.abs().sum() > 0  # the head mixes the training frames' colours, not the zero init
 
 
 def test_ema_option_tracks_g_and_is_the_eval_generator():
