@@ -59,7 +59,7 @@ TEXTBOOK = {"train.recipe": "custom", "model.gen_filters": 64, "model.disc_filte
             "train.ema_decay": 0.999, "train.ema_warmup": 1000, "train.augment": "", "train.lr_decay": "none",
             "model.palette_size": 0, "model.upsample": "transposed", "model.conditional": False,
             "model.arch": "dcgan", "model.skip_rgb": False, "model.minibatch_std": 0, "train.r1_gamma": 0.0,
-            "model.palette_head": False}
+            "model.palette_head": "none"}
 SMALL = {**TEXTBOOK, "model.gen_filters": 32, "model.disc_filters": 32, "train.batch_size": 32}
 R1_MBSTD = {**SMALL, **TUNED_LR, "train.r1_gamma": 0.1, "model.minibatch_std": 4}  # the cpu profile's recipe
 RECIPES: dict[str, dict[str, Any]] = {
@@ -120,7 +120,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "small-tuned-r1-mbstd-b16": {**R1_MBSTD, "train.batch_size": 16},
     "small-tuned-r1-mbstd-w24": {**R1_MBSTD, "model.gen_filters": 24, "model.disc_filters": 24},
     "small-tuned-r1-mbstd-ema995": {**R1_MBSTD, "train.ema_decay": 0.995},
-    "small-tuned-r1-mbstd-palhead": {**R1_MBSTD, "model.palette_size": 16, "model.palette_head": True},
+    "small-tuned-r1-mbstd-palhead": {**R1_MBSTD, "model.palette_size": 16, "model.palette_head": "soft"},
+    "small-tuned-r1-mbstd-palhard": {**R1_MBSTD, "model.palette_size": 16, "model.palette_head": "hard"},
 }
 
 

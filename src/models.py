@@ -33,8 +33,9 @@ draws screens, snaps each pixel to the nearest of the training frames' commonest
 the coloured high-frequency noise a briefly trained DCGAN paints. Training sees the raw output: snapping
 inside the training step too (straight-through gradients) was measured slower and no better
 (benchmarks/RESULTS.md). `palette_head` builds the palette into G instead: its last layer paints one
-logit per palette colour and each pixel is the softmax-weighted mix of those colours, so the raw output
-is already made of screen colours and D judges the same kind of image the snap would draw.
+logit per palette colour. `soft`: each pixel is the softmax-weighted mix of those colours; `hard`: each
+pixel is its most likely colour, with the soft mix's gradients (straight-through, Bengio et al. 2013), so
+G's raw output is a palette image and D judges exactly the kind of screen that is drawn.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from src.params import IMAGE_SHAPE, Params
 ACTIVATIONS = ("relu", "leaky_relu")
 INITS = ("default", "dcgan")
 UPSAMPLE_KINDS = ("transposed", "nearest", "bilinear")
+PALETTE_HEADS = ("none", "soft", "hard")
 ARCHS = ("dcgan", "resnet")
 LEAKY_SLOPE = 0.2
 
@@ -90,7 +92,7 @@ class Generator(nn.Module):
 
     def __init__(self, latent_dim: int = 100, filters: int = 64, channels: int = IMAGE_SHAPE[0], init: str = "default",
                  upsample: str = "transposed", num_classes: int = 0, palette_size: int = 0, arch: str = "dcgan",
-                 skip_rgb: bool = False, palette_head: bool = False):
+                 skip_rgb: bool = False, palette_head: str = "none"):
         super().__init__()
         _check_choice("init", init, INITS)
         _check_choice("upsample", upsample, UPSAMPLE_KINDS)
@@ -100,7 +102,8 @@ class Generator(nn.Module):
         if num_classes:
             # The training frames' game mix, set by the trainer; labels default to it when not given.
             self.register_buffer("class_freq", torch.full((num_classes,), 1.0 / num_classes))
-        if palette_head and palette_size < 2:
+        _check_choice("palette_head", palette_head, PALETTE_HEADS)
+        if palette_head != "none" and palette_size < 2:
             raise ValueError(f"palette_head needs a palette of 2 or more colours, got palette_size={palette_size}")
         self.palette_size = palette_size
         self.palette_head = palette_head
@@ -109,7 +112,7 @@ class Generator(nn.Module):
             self.register_buffer("palette", torch.zeros(palette_size, channels))
         f = filters
         # A palette head paints one logit per palette colour; the pipe ends in their softmax, mixed in forward.
-        out_channels, last = (palette_size, nn.Softmax(dim=1)) if palette_head else (channels, nn.Tanh())
+        out_channels, last = (channels, nn.Tanh()) if palette_head == "none" else (palette_size, nn.Softmax(dim=1))
         layers: list[nn.Module] = [
             nn.ConvTranspose2d(latent_dim + num_classes, f * 8, kernel_size=4, stride=1, padding=0),
             nn.BatchNorm2d(f * 8),
@@ -141,9 +144,17 @@ class Generator(nn.Module):
             onehot = nn.functional.one_hot(labels.long(), self.num_classes).to(z.dtype)
             z = torch.cat([z, onehot.view(len(z), self.num_classes, 1, 1)], dim=1)
         x = self.pipe(z) if self.to_rgb is None else self._skip_forward(z)
-        if self.palette_head:  # each pixel a convex mix of palette colours, weighted by the softmax
-            x = torch.einsum("bkhw,kc->bchw", x, self.palette.to(x.dtype))
+        if self.palette_head != "none":
+            x = self._paint_palette(x)
         return snap_to_palette(x, self.palette) if self.palette_size and not self.training else x
+
+    def _paint_palette(self, probs: torch.Tensor) -> torch.Tensor:
+        """(B, K, H, W) colour probabilities -> (B, 3, H, W): their mix of the palette (soft), or each pixel's
+        likeliest colour with the mix's gradient (hard, straight-through)."""
+        if self.palette_head == "hard":
+            hard = nn.functional.one_hot(probs.argmax(dim=1), self.palette_size).permute(0, 3, 1, 2).to(probs.dtype)
+            probs = hard + (probs - probs.detach())  # exactly `hard` forward; the soft gradient backward
+        return torch.einsum("bkhw,kc->bchw", probs, self.palette.to(probs.dtype))
 
     def _skip_forward(self, z: torch.Tensor) -> torch.Tensor:
         """The pipe, with each tapped resolution's RGB (or palette logits) added to the upsampled sum of the

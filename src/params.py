@@ -116,8 +116,9 @@ class ModelParams(_Section):
         16, ge=0, le=256, description="drawn screens take the training frames' N commonest colours; 0 = off"
     )
 
-    palette_head: bool = Field(
-        False, description="G paints each pixel as a softmax mix of the palette's colours (needs palette_size >= 2)"
+    palette_head: Literal["none", "soft", "hard"] = Field(
+        "none", description="G paints each pixel from the palette: soft = softmax mix of its colours, hard = the "
+                            "likeliest colour (straight-through gradients); needs palette_size >= 2"
     )
 
     @field_validator("palette_size")
@@ -129,9 +130,10 @@ class ModelParams(_Section):
 
     @model_validator(mode="after")
     def _palette_head_has_palette(self) -> ModelParams:
-        if self.palette_head and self.palette_size < 2:
-            raise ValueError(f"palette_head: true needs a palette to mix; palette_size is {self.palette_size}: "
-                             "set model.palette_size to 2..256 (16 is the default) or palette_head to false")
+        if self.palette_head != "none" and self.palette_size < 2:
+            raise ValueError(f"palette_head: {self.palette_head} needs a palette to paint from; palette_size is "
+                             f"{self.palette_size}: set model.palette_size to 2..256 (16 is the default) or "
+                             "palette_head to none")
         return self
 
 
@@ -259,7 +261,7 @@ class Params(_Section):
 # The article's recipe, applied whole by `train.recipe: article` whatever else params.yaml says.
 ARTICLE_MODEL = {"latent_dim": 100, "gen_filters": 64, "disc_filters": 64, "arch": "dcgan", "upsample": "transposed",
                  "skip_rgb": False, "minibatch_std": 0, "conditional": False, "palette_size": 0,
-                 "palette_head": False}
+                 "palette_head": "none"}
 ARTICLE_TRAIN = {
     "batch_size": 16,
     "lr_g": 1e-4,

@@ -18,7 +18,7 @@ def article_params() -> Params:
         parse_params(
             {
                 "model": {"latent_dim": 7, "gen_filters": 5, "disc_filters": 3, "upsample": "nearest",
-                          "arch": "resnet", "skip_rgb": True, "minibatch_std": 4, "palette_head": True},
+                          "arch": "resnet", "skip_rgb": True, "minibatch_std": 4, "palette_head": "soft"},
                 "train": {"recipe": "article", "batch_size": 99, "lr_g": 0.5, "lr_d": 0.5, "beta1": 0.1,
                           "loss": "hinge", "d_activation": "leaky_relu", "init": "dcgan", "spectral_norm": True,
                           "ema_decay": 0.9, "augment": "color", "r1_gamma": 10.0},
@@ -187,7 +187,7 @@ def test_wgan_gp_critic_has_no_batch_norm_and_options_reach_the_models():
     assert any(isinstance(m, nn.LeakyReLU) for m in disc.modules())
     assert kwargs["generator"] == {"latent_dim": 100, "filters": 32, "init": "dcgan", "upsample": "transposed",
                                    "num_classes": 0, "palette_size": 16, "arch": "dcgan", "skip_rgb": False,
-                                   "palette_head": False}
+                                   "palette_head": "none"}
 
 
 def test_nearest_upsampling_generator_has_no_transposed_convs_after_the_first_layer():
@@ -402,7 +402,7 @@ def test_palette_generator_draws_only_palette_colours_and_trains_on_raw_output()
 
 @pytest.mark.parametrize("skip_rgb", [False, True])
 def test_palette_head_paints_softmax_mixes_of_the_palette(skip_rgb):
-    params = parse_params({"model": {"latent_dim": 8, "gen_filters": 4, "palette_size": 5, "palette_head": True,
+    params = parse_params({"model": {"latent_dim": 8, "gen_filters": 4, "palette_size": 5, "palette_head": "soft",
                                      "skip_rgb": skip_rgb}})
     gen, _ = build_models(params)
     colours = torch.tensor([[-1.0, -1, -1], [1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -0.5, 0.25]])
@@ -431,11 +431,33 @@ def test_palette_head_paints_softmax_mixes_of_the_palette(skip_rgb):
 
 
 def test_palette_head_needs_a_palette():
-    with pytest.raises(ParamsError, match="palette_head: true needs a palette to mix; palette_size is 0"):
-        parse_params({"model": {"palette_head": True, "palette_size": 0}})
+    with pytest.raises(ParamsError, match="palette_head: soft needs a palette to paint from; palette_size is 0"):
+        parse_params({"model": {"palette_head": "soft", "palette_size": 0}})
     with pytest.raises(ValueError, match="palette_head needs a palette of 2 or more colours"):
-        Generator(palette_head=True, palette_size=0)
-    assert not build_models(parse_params({"model": {"palette_size": 16}}))[0].palette_head
+        Generator(palette_head="hard", palette_size=0)
+    assert build_models(parse_params({"model": {"palette_size": 16}}))[0].palette_head == "none"
+
+
+@pytest.mark.parametrize("skip_rgb", [False, True])
+def test_hard_palette_head_paints_palette_colours_with_the_soft_gradient(skip_rgb):
+    model = {"latent_dim": 8, "gen_filters": 4, "palette_size": 5, "skip_rgb": skip_rgb}
+    torch.manual_seed(0)
+    soft, _ = build_models(parse_params({"model": {**model, "palette_head": "soft"}}))
+    hard, _ = build_models(parse_params({"model": {**model, "palette_head": "hard"}}))
+    hard.load_state_dict(soft.state_dict())
+    colours = torch.tensor([[-1.0, -1, -1], [1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -0.5, 0.25]])
+    soft.palette.copy_(colours)
+    hard.palette.copy_(colours)
+    z = torch.randn(3, 8, 1, 1)
+    painted = hard(z)
+    pixels = painted.detach().permute(0, 2, 3, 1).reshape(-1, 3)
+    assert (pixels[:, None, :] == colours[None]).all(dim=2).any(dim=1).all()  # already palette colours in training
+    # Straight-through: a loss linear in the image gives the hard head exactly the soft head's gradients.
+    weights = torch.randn(3, 3, 64, 64)
+    (painted * weights).sum().backward()
+    (soft(z) * weights).sum().backward()
+    for a, b in zip(hard.parameters(), soft.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-7)
 
 
 def test_snap_to_palette_picks_the_nearest_colour():

@@ -124,7 +124,7 @@ def test_lazy_r1_runs_every_r1_every_steps_with_its_weight(monkeypatch):
 
 def test_new_architecture_options_train():
     model = {**TINY_MODEL, "arch": "resnet", "upsample": "bilinear", "skip_rgb": True, "minibatch_std": 4,
-             "palette_size": 4, "palette_head": True}
+             "palette_size": 4, "palette_head": "hard"}
     trainer = trainer_for(parse_params({"model": model, "train": TINY_TRAIN}))
     before = [p.detach().clone() for p in trainer.G.parameters()]
     rows = torch.stack([trainer.step() for _ in range(2)])
