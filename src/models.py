@@ -152,7 +152,7 @@ class Generator(nn.Module):
         """(B, K, H, W) colour probabilities -> (B, 3, H, W): their mix of the palette (soft), or each pixel's
         likeliest colour with the mix's gradient (hard, straight-through)."""
         if self.palette_head == "hard":
-            hard = nn.functional.one_hot(probs.argmax(dim=1), self.palette_size).permute(0, 3, 1, 2).to(probs.dtype)
+            hard = nn.functional.one_hot(probs.argmax(dim=1), probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
             probs = hard + (probs - probs.detach())  # exactly `hard` forward; the soft gradient backward
         return torch.einsum("bkhw,kc->bchw", probs, self.palette.to(probs.dtype))
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from src.augment import AUGMENT_FNS, diff_augment, parse_policy
+from src.evaluate import Drawn
 from src.models import Discriminator, Generator, build_models, mix_labels, model_kwargs, palette_of, snap_to_palette
 from src.params import Params, ParamsError, effective, parse_params
 
@@ -458,6 +459,10 @@ def test_hard_palette_head_paints_palette_colours_with_the_soft_gradient(skip_rg
     (soft(z) * weights).sum().backward()
     for a, b in zip(hard.parameters(), soft.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-7)
+    # evaluate's raw drawing (snap off) is the head's own painting, in eval mode as in training.
+    hard.eval()
+    with Drawn(hard, None) as raw:
+        assert torch.equal(raw(z), hard(z))
 
 
 def test_snap_to_palette_picks_the_nearest_colour():
