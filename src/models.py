@@ -161,7 +161,7 @@ class Generator(nn.Module):
         coarser ones, before the last activation."""
         rgb = None
         x = z
-        for i, layer in enumerate(self.pipe[:-1]):  # all but the final tanh
+        for i, layer in enumerate(self.pipe[:-1]):  # all but the final activation (tanh or softmax)
             x = layer(x)
             if str(i) in self.to_rgb:
                 rgb = self.to_rgb[str(i)](x) + (0 if rgb is None else _upsample_to(rgb, x))
