@@ -213,7 +213,10 @@ def minibatch_std(x: torch.Tensor, group_size: int) -> torch.Tensor:
     b, c, h, w = x.shape
     g = max(d for d in range(1, min(group_size, b) + 1) if b % d == 0)
     y = x.float().reshape(g, b // g, c, h, w)
-    std = (y.var(dim=0, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (B // g,)
+    # Spelled out rather than y.var(dim=0): on CPU, var over the leading dim of a channels_last batch
+    # took ~4x longer (forward + backward), ~8% of a training step at width 32.
+    variance = (y - y.mean(dim=0)).square().mean(dim=0)
+    std = (variance + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (B // g,)
     std = std.repeat(g).view(b, 1, 1, 1).expand(b, 1, h, w).to(x.dtype)
     return torch.cat([x, std], dim=1)
 
