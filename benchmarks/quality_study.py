@@ -14,7 +14,7 @@ and a sample grid beside it; `report` turns those files into the table of benchm
     python benchmarks/quality_study.py report [--write]
     python benchmarks/quality_study.py report --yardstick --results-dir DIR [--write]   # like-for-like table
     python benchmarks/quality_study.py run article --budget-s 600 --checkpoints DIR  # then 1800, 3600: one run, extended
-    python benchmarks/quality_study.py report --plot curves.png --results-dir DIR [--write]  # time-to-quality
+    python benchmarks/quality_study.py report --plot curves.png --results-dir DIR [--recipe R ...] [--write]
 
 A run's record also holds everything `evaluate` measures (key "eval"): the FID of the same latents drawn
 raw and with the palette, floors, precision/recall, game shares and per-game FID.
@@ -61,7 +61,8 @@ TEXTBOOK = {"train.recipe": "custom", "model.gen_filters": 64, "model.disc_filte
             "model.arch": "dcgan", "model.skip_rgb": False, "model.minibatch_std": 0, "train.r1_gamma": 0.0,
             "model.palette_head": "none"}
 SMALL = {**TEXTBOOK, "model.gen_filters": 32, "model.disc_filters": 32, "train.batch_size": 32}
-R1_MBSTD = {**SMALL, **TUNED_LR, "train.r1_gamma": 0.1, "model.minibatch_std": 4}  # the cpu profile's recipe
+R1_MBSTD = {**SMALL, **TUNED_LR, "train.r1_gamma": 0.1, "model.minibatch_std": 4}
+CPU_PROFILE_RECIPE = "small-tuned-r1-mbstd-b16-cond-ema995"  # params.yaml's profiles.cpu trains this (a test checks)
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},  # params.yaml as it is
     "article": {"train.recipe": "article"},
@@ -108,7 +109,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "small-tuned-skip": {**SMALL, **TUNED_LR, "model.skip_rgb": True},
     "small-tuned-skip-bilinear": {**SMALL, **TUNED_LR, "model.skip_rgb": True, "model.upsample": "bilinear"},
     "small-tuned-mbstd": {**SMALL, **TUNED_LR, "model.minibatch_std": 4},
-    "small-tuned-r1-mbstd": R1_MBSTD,
+    "small-tuned-r1-mbstd": R1_MBSTD,  # the cpu profile's recipe until the fifth round
     "small-tuned-skip-mbstd": {**SMALL, **TUNED_LR, "model.skip_rgb": True, "model.minibatch_std": 4},
     # the game mix set by labels, not left to G
     "small-tuned-r1-mbstd-cond": {**R1_MBSTD, "model.conditional": True},
@@ -122,6 +123,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     "small-tuned-r1-mbstd-ema995": {**R1_MBSTD, "train.ema_decay": 0.995},
     "small-tuned-r1-mbstd-palhead": {**R1_MBSTD, "model.palette_size": 16, "model.palette_head": "soft"},
     "small-tuned-r1-mbstd-palhard": {**R1_MBSTD, "model.palette_size": 16, "model.palette_head": "hard"},
+    # Fifth round: batch 16 reached the fall in FID within 10 minutes; a shorter EMA follows it sooner,
+    # game labels keep every game drawn (batch 16 and width 24 lost Pong on some seeds).
+    "small-tuned-r1-mbstd-b16-ema995": {**R1_MBSTD, "train.batch_size": 16, "train.ema_decay": 0.995},
+    "small-tuned-r1-mbstd-b16-cond": {**R1_MBSTD, "train.batch_size": 16, "model.conditional": True},
+    "small-tuned-r1-mbstd-b16-cond-ema995": {**R1_MBSTD, "train.batch_size": 16, "model.conditional": True,
+                                             "train.ema_decay": 0.995},
+    "small-tuned-r1-mbstd-b8": {**R1_MBSTD, "train.batch_size": 8},
 }
 
 
@@ -305,18 +313,24 @@ def yardstick(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(records: list[dict[str, Any]], out: Path) -> str:
+def plot_curves(records: list[dict[str, Any]], out: Path, recipes: list[str] | None = None) -> str:
     """FID against minutes of training, raw and with the palette, one line per recipe (mean over seeds,
-    each seed a dot); writes the PNG and returns the same points as a markdown table."""
+    each seed a dot); writes the PNG and returns the same points as a markdown table.
+
+    One run counts per recipe, seed and budget: the checkpointed (extended) run where there is one, else
+    a plain run of that budget. `recipes` limits the plot to those."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    chosen: dict[tuple[str, int, float], dict[str, Any]] = {}
+    for r in sorted(records, key=lambda r: bool(r.get("checkpointed"))):  # checkpointed last: it wins
+        if r.get("budget_s") and "eval" in r and (recipes is None or r["recipe"] in recipes):
+            chosen[(r["recipe"], r["seed"], r["budget_s"])] = r
     points: dict[str, dict[float, list[dict[str, Any]]]] = {}
-    for r in records:
-        if r.get("budget_s") and "eval" in r:
-            points.setdefault(r["recipe"], {}).setdefault(r["budget_s"] / 60, []).append(r)
+    for (recipe, _, budget_s), r in sorted(chosen.items()):
+        points.setdefault(recipe, {}).setdefault(budget_s / 60, []).append(r)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     rows = ["| recipe | minutes | seeds | iterations (mean) | FID raw, mean (range) | FID palette, mean (range) | TV |",
             "|---|---:|---|---:|---:|---:|---:|"]
@@ -384,8 +398,9 @@ def main(argv: list[str] | None = None) -> None:
     rep.add_argument("--curves", default=None, help="also list the FID-during-training points of this recipe")
     rep.add_argument("--yardstick", action="store_true",
                      help="print the like-for-like table of runs scored with the full evaluate metrics instead")
-    rep.add_argument("--plot", default=None,
-                     help="print the time-to-quality table instead and draw it into this PNG (runs with --checkpoints)")
+    rep.add_argument("--plot", default=None, help="print the time-to-quality table instead and draw it into this "
+                                                  "PNG (runs with a --budget-s; an extended run wins)")
+    rep.add_argument("--recipe", action="append", help="with --plot: only this recipe (repeatable; default all)")
     rep.add_argument("--results-dir", action="append", help="where the runs' json files are (repeatable; default "
                                                             "benchmarks/quality)")
     args = parser.parse_args(argv)
@@ -401,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         records = load_records(*(args.results_dir or [RESULTS_DIR]))
         if args.plot:
-            text = plot_curves(records, Path(args.plot))
+            text = plot_curves(records, Path(args.plot), args.recipe)
             print(text)
             if args.write:
                 write_block("time-to-quality", text)
