@@ -8,7 +8,8 @@ the holdout frames; with a palette, the same latents drawn without it (`fid_raw`
 (`fid_palette`) and the palette-snapped training frames' FID (`fid_floor_palette`); the FID of as
 many training frames against the holdout (what a perfect generator would score with this snapshot
 and sample count); precision/recall; the share of screens a game classifier (src/coverage.py)
-assigns to each game against the snapshot's, and per-game FID; the sample counts and the identity
+assigns to each game against the snapshot's, per-game FID and, for a game-conditional generator, the
+share of screens showing the game they were drawn for (`label_agreement`); the sample counts and the identity
 of the Inception weights (the per-set metrics are src/quality_metrics.py's). docs/quality.md says
 what each number can and cannot tell. It also writes `plots/eval/grid.png` (generated screens
 left, real holdout screens right) and logs all of it into the training run in MLflow.
@@ -149,7 +150,7 @@ def evaluate_generator(generator: nn.Module, snapshot: Snapshot, extractor: ince
     palette-snapped training frames. Each image set goes through Inception once.
     """
     from src import coverage
-    from src.models import palette_of
+    from src.models import mix_labels, palette_of
 
     check_sample_counts(num_samples, snapshot)
     min_game_samples = MIN_GAME_SAMPLES if min_game_samples is None else min_game_samples
@@ -187,6 +188,10 @@ def evaluate_generator(generator: nn.Module, snapshot: Snapshot, extractor: ince
         "post_processing": f"palette{len(palette)}" if shipped_palette else "none",
         "fid_holdout_vs_train": fid.fid_from_features(holdout, train, device=extractor.device),
     }
+    if getattr(generator, "num_classes", 0):
+        # generate() asked a conditional G for mix_labels' games, in order: is each screen the game it was asked for?
+        asked = mix_labels(len(fake), generator.class_freq.detach().cpu()).numpy()
+        metrics["label_agreement"] = float((classifier.predict(fake) == asked).mean())
     train_index = fid.real_selection(len(snapshot.train_images), len(fake))
     train_labels = np.asarray(snapshot.train_labels)
     train_labels = train_labels if train_index is None else train_labels[train_index]
@@ -373,10 +378,11 @@ def main() -> None:
         run_id = log_to_mlflow(metrics, GRID_FILE, MODELS_DIR / RUN_FILE)
     raw = f"  raw FID {metrics['fid_raw']:.2f}" if "fid_raw" in metrics else ""
     palette = f"  palette FID {metrics['fid_palette']:.2f}" if "fid_palette" in metrics else ""
+    agree = f", screens of their label {metrics['label_agreement']:.3f}" if "label_agreement" in metrics else ""
     print(
         f"FID {metrics['fid']:.2f} ({metrics['post_processing']}){raw}{palette}  KID {metrics['kid_mean']:.4f} ± "
         f"{metrics['kid_std']:.4f}  precision {metrics['precision']:.3f} recall {metrics['recall']:.3f}  "
-        f"game shares TV {metrics['coverage_tv']:.3f}  "
+        f"game shares TV {metrics['coverage_tv']:.3f}{agree}  "
         f"(floor: holdout vs train FID {metrics['fid_holdout_vs_train']:.2f}; "
         f"{metrics['num_generated']} generated vs {metrics['num_real']} holdout; {metrics['generator_file']}) "
         f"-> {METRICS_FILE}, {GRID_FILE}, MLflow run {run_id}"

@@ -238,6 +238,34 @@ def test_evaluate_and_best_step_selection_draw_independent_latents(atari_snapsho
     assert not torch.isclose(drawn, selection.seen[0]).any()  # no latent shared, not even a coordinate
 
 
+@pytest.mark.parametrize("swap", [False, True])
+def test_label_agreement_checks_each_screen_against_its_label(atari_snapshot, tmp_path, hub_weights, swap):
+    """A conditional G that draws the game it is asked for agrees on every screen; one that draws the
+    other game agrees on none, although both draw the same mix of games (so coverage_tv cannot tell)."""
+    snapshot = load_snapshot(atari_snapshot)
+    labels = np.asarray(snapshot.holdout_labels)
+    frames = torch.stack([torch.from_numpy(snapshot.holdout_images[labels == g][0]) for g in (0, 1)])
+
+    class Conditional(torch.nn.Module):
+        num_classes, palette_size = 2, 0
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("class_freq", torch.tensor([0.5, 0.5]))
+
+        def forward(self, z, asked):
+            drawn = 1 - asked if swap else asked
+            return frames[drawn.cpu()].float().div(127.5).sub(1).to(z.device)
+
+    extractor = inception.InceptionFeatures(hub_weights, progress=False)
+    with pytest.warns(quality_metrics.SmallSampleWarning):
+        metrics, _ = ev.evaluate_generator(Conditional(), snapshot, extractor, latent_dim=4, num_samples=10,
+                                           kid_subset_size=10, seed=0, cache_dir=tmp_path / "fid",
+                                           coverage_cache_dir=tmp_path / "cov")
+    assert metrics["label_agreement"] == (0.0 if swap else 1.0)
+    assert metrics["coverage_tv"] == 0.0  # 5 screens of each game either way, as in the holdout
+
+
 def test_missing_snapshot(workdir):
     with pytest.raises(SnapshotError, match="no snapshot"):
         run(workdir / "elsewhere", tiny_params())
