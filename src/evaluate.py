@@ -8,9 +8,9 @@ the holdout frames; with a palette, the same latents drawn without it (`fid_raw`
 (`fid_palette`) and the palette-snapped training frames' FID (`fid_floor_palette`); the FID of as
 many training frames against the holdout (what a perfect generator would score with this snapshot
 and sample count); precision/recall; the share of screens a game classifier (src/coverage.py)
-assigns to each game against the snapshot's, per-game FID and, for a game-conditional generator, the
-share of screens showing the game they were drawn for (`label_agreement`); the sample counts and the identity
-of the Inception weights (the per-set metrics are src/quality_metrics.py's). docs/quality.md says
+assigns to each game against the snapshot's, per-game FID and, for a game-conditional generator,
+the share of screens showing the game they were drawn for (`label_agreement`); the sample counts and
+the identity of the Inception weights (the per-set metrics are src/quality_metrics.py's). docs/quality.md says
 what each number can and cannot tell. It also writes `plots/eval/grid.png` (generated screens
 left, real holdout screens right) and logs all of it into the training run in MLflow.
 """
@@ -378,7 +378,7 @@ def main() -> None:
         run_id = log_to_mlflow(metrics, GRID_FILE, MODELS_DIR / RUN_FILE)
     raw = f"  raw FID {metrics['fid_raw']:.2f}" if "fid_raw" in metrics else ""
     palette = f"  palette FID {metrics['fid_palette']:.2f}" if "fid_palette" in metrics else ""
-    agree = f", screens of their label {metrics['label_agreement']:.3f}" if "label_agreement" in metrics else ""
+    agree = f", label agreement {metrics['label_agreement']:.3f}" if "label_agreement" in metrics else ""
     print(
         f"FID {metrics['fid']:.2f} ({metrics['post_processing']}){raw}{palette}  KID {metrics['kid_mean']:.4f} ± "
         f"{metrics['kid_std']:.4f}  precision {metrics['precision']:.3f} recall {metrics['recall']:.3f}  "
