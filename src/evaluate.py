@@ -150,7 +150,8 @@ def evaluate_generator(generator: nn.Module, snapshot: Snapshot, extractor: ince
     palette-snapped training frames. Each image set goes through Inception once.
     """
     from src import coverage
-    from src.models import mix_labels, palette_of
+    from src.models import palette_of
+    from src.sample import requested_labels
 
     check_sample_counts(num_samples, snapshot)
     min_game_samples = MIN_GAME_SAMPLES if min_game_samples is None else min_game_samples
@@ -188,9 +189,8 @@ def evaluate_generator(generator: nn.Module, snapshot: Snapshot, extractor: ince
         "post_processing": f"palette{len(palette)}" if shipped_palette else "none",
         "fid_holdout_vs_train": fid.fid_from_features(holdout, train, device=extractor.device),
     }
-    if getattr(generator, "num_classes", 0):
-        # generate() asked a conditional G for mix_labels' games, in order: is each screen the game it was asked for?
-        asked = mix_labels(len(fake), generator.class_freq.detach().cpu()).numpy()
+    if getattr(generator, "num_classes", 0):  # is each screen the game it was drawn for?
+        asked = requested_labels(generator, len(fake)).numpy()
         metrics["label_agreement"] = float((classifier.predict(fake) == asked).mean())
     train_index = fid.real_selection(len(snapshot.train_images), len(fake))
     train_labels = np.asarray(snapshot.train_labels)

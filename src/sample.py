@@ -90,7 +90,7 @@ def generate_images(
     """
     noise = torch.randn(n, latent_dim, 1, 1, generator=torch.Generator().manual_seed(seed))
     if getattr(generator, "num_classes", 0):
-        labels = mix_labels(n, generator.class_freq.cpu()) if game is None else torch.full((n,), game)
+        labels = requested_labels(generator, n, game)
         pairs = zip(noise.split(batch_size), labels.split(batch_size))
         chunks = [to_uint8(generator(z.to(device), y.to(device))).cpu() for z, y in pairs]
     else:
@@ -99,6 +99,12 @@ def generate_images(
                             "it cannot draw one chosen game")
         chunks = [to_uint8(generator(z.to(device))).cpu() for z in noise.split(batch_size)]
     return torch.cat(chunks) if chunks else torch.empty(0, *IMAGE_SHAPE, dtype=torch.uint8)
+
+
+def requested_labels(generator: nn.Module, n: int, game: int | None = None) -> torch.Tensor:
+    """The game labels `generate_images` asks a class-conditional generator for, in order: the training
+    mix (`mix_labels`), or only the game with index `game`."""
+    return mix_labels(n, generator.class_freq.cpu()) if game is None else torch.full((n,), game)
 
 
 def game_index(meta: dict[str, Any], game: str) -> int:
