@@ -110,7 +110,7 @@ class ModelParams(_Section):
                                   "+ 3x3 conv"
     )
     skip_rgb: bool = Field(False, description="G paints RGB at 8, 16, 32 and 64 px and sums them (StyleGAN2 skips)")
-    minibatch_std: int = Field(0, ge=0, description="D sees feature std over groups of N images; 0 = off")
+    minibatch_std: int = Field(4, ge=0, description="D sees feature std over groups of N images; 0 = off")
     conditional: bool = Field(False, description="condition G and D on the game label")
     palette_size: int = Field(
         16, ge=0, le=256, description="drawn screens take the training frames' N commonest colours; 0 = off"
@@ -149,7 +149,7 @@ class TrainParams(_Section):
     beta2: float = Field(0.909, ge=0, lt=1)
     loss: Literal["bce", "hinge", "wgan-gp"] = "bce"
     gp_weight: float = Field(10.0, ge=0)
-    r1_gamma: float = Field(0.0, ge=0, description="R1 penalty on real images (Mescheder et al. 2018); 0 = off")
+    r1_gamma: float = Field(0.1, ge=0, description="R1 penalty on real images (Mescheder et al. 2018); 0 = off")
     r1_every: int = Field(16, ge=1, description="lazy R1: apply it every N steps, scaled by N (StyleGAN2)")
     d_steps: int = Field(1, ge=1, description="discriminator updates per generator update")
     d_activation: Literal["relu", "leaky_relu"] = "leaky_relu"

@@ -96,13 +96,15 @@ def test_load_run_params_resolves_everything(tmp_path, monkeypatch):
     assert ran.train.fid_every == 25 // AUTO_POINTS and ran.train.batch_size == 16  # article recipe applied
 
 
-def test_the_shipped_cpu_profile_trains_the_recipe_the_study_measured(shipped_params_text):
-    # The README's 10-minute figures for the cpu profile are the quality study's runs of this recipe.
-    from benchmarks.quality_study import CPU_PROFILE_RECIPE, RECIPES, with_overrides
+@pytest.mark.parametrize("profile_name", ["cpu", "gpu"])
+def test_each_shipped_profile_trains_the_recipe_the_study_measured(shipped_params_text, profile_name):
+    # The README's figures for each budget are the quality study's runs of that budget's recipe.
+    from benchmarks.quality_study import CPU_PROFILE_RECIPE, GPU_DEFAULT_RECIPE, RECIPES, with_overrides
 
+    recipe = {"cpu": CPU_PROFILE_RECIPE, "gpu": GPU_DEFAULT_RECIPE}[profile_name]
     shipped = parse_params(yaml.safe_load(shipped_params_text))
-    profile = with_profile(shipped, "cpu")
-    studied = with_overrides(shipped, RECIPES[CPU_PROFILE_RECIPE])
+    profile = with_profile(shipped, profile_name)
+    studied = with_overrides(shipped, RECIPES[recipe])
     budget = {"iterations", "time_budget_s", "fid_samples", "fid_every", "log_every", "image_every", "checkpoint_every"}
     assert profile.train.model_dump(exclude=budget) == studied.train.model_dump(exclude=budget)
     # The study draws its recipes raw and scores them with the palette afterwards, as evaluate does.

@@ -80,8 +80,10 @@ class GANTrainer:
         lazy_r1 = t.r1_gamma > 0 and t.r1_every > 1
         self.graphed = t.cuda_graphs and device.type == "cuda" and world_size == 1 and not t.compile and not lazy_r1
         if t.cuda_graphs and device.type == "cuda" and not self.graphed:
-            log.warning("train.cuda_graphs needs one process, train.compile: false and no lazy R1 "
-                        "(train.r1_every: 1 or train.r1_gamma: 0); running eagerly")
+            # Lazy R1 is the default recipe, not a mistake to warn about; the other two are a user's choice.
+            notice = log.info if lazy_r1 and world_size == 1 and not t.compile else log.warning
+            notice("train.cuda_graphs needs one process, train.compile: false and no lazy R1 "
+                   "(train.r1_every: 1 or train.r1_gamma: 0); running eagerly")
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_out: torch.Tensor | None = None
         self._warm_steps = 0
