@@ -117,6 +117,9 @@ class GANTrainer:
             g_run = DDP(g_run, device_ids=ids, **ddp_kwargs())
             d_run = DDP(d_run, device_ids=ids, **ddp_kwargs())
         self._g_run, self._d_run = g_run, d_run
+        # R1 and the WGAN gradient penalty differentiate D's input gradient, and torch.compile has no double
+        # backward: they run D eagerly (the same weights; under DDP its gradients still reach the reducer).
+        self._d_for_penalty = self.D if self.t.compile else d_run
 
     @property
     def eval_generator(self) -> nn.Module:
@@ -220,7 +223,7 @@ class GANTrainer:
                 real_logits = self._d_run(real_in, *cond)
                 fake_logits = self._d_run(fake_in, *cond)
                 loss_d = discriminator_loss(t.loss, real_logits, fake_logits)
-                critic = functools.partial(self._d_run, labels=labels) if cond else self._d_run
+                critic = functools.partial(self._d_for_penalty, labels=labels) if cond else self._d_for_penalty
                 if t.loss == "wgan-gp":
                     loss_d = loss_d + t.gp_weight * gradient_penalty(critic, real_in, fake_in, self.rng)
                 if regularise and last:
