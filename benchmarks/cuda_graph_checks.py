@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from benchmarks.quality_study import STUDY_SNAPSHOT, with_overrides  # noqa: E402
 from src.data import load_snapshot  # noqa: E402
 from src.params import load_params  # noqa: E402
-from src.sample import generate_images  # noqa: E402
+from src.generator import generate_images  # noqa: E402
 from src.training import TrainResult, train_gan  # noqa: E402
 
 

@@ -24,7 +24,7 @@ from src.atomic import write_json_atomic  # noqa: E402
 from src.data import load_snapshot  # noqa: E402
 from src.models import build_models, palette_of  # noqa: E402
 from src.params import Params, effective  # noqa: E402
-from src.sample import generate_images  # noqa: E402
+from src.generator import generate_images  # noqa: E402
 
 SIZES = (0, 8, 16, 32, 64, 128)
 

@@ -100,7 +100,7 @@ def accuracy(classifier: GameClassifier, images: np.ndarray, labels: np.ndarray)
 
 
 def default_cache_dir() -> Path:
-    from src.tracking import repo_root
+    from src.paths import repo_root
 
     return repo_root() / ".cache" / "coverage"
 

@@ -34,6 +34,7 @@ from src.atomic import replacing, write_json_atomic
 from src.data import Snapshot, load_snapshot
 from src.device import resolve_device
 from src.errors import UserError, run_cli
+from src.generator import generate_images, load_generator, pick_generator, requested_labels
 from src.params import Params, load_params
 from src.profile import apply_profile
 from src.quality_metrics import SmallSampleWarning, set_metrics
@@ -44,8 +45,6 @@ METRICS_FILE = Path("metrics/eval.json")
 GRID_FILE = Path("plots/eval/grid.png")
 TRAIN_FID_CSV = TRAIN_PLOTS_DIR / "fid.csv"
 RUN_FILE = "run.json"
-# Which generator is judged, in order of preference.
-GENERATOR_FILES = ("generator_best.pt", "generator_ema.pt", "generator.pt")
 GRID_IMAGES = 32  # per side
 MIN_GAME_SAMPLES = 50  # generated screens a game needs for its per-game FID to be scored
 
@@ -54,20 +53,7 @@ class EvaluateError(UserError):
     pass
 
 
-def pick_generator(models_dir: Path) -> Path:
-    for name in GENERATOR_FILES:
-        path = Path(models_dir) / name
-        if path.is_file():
-            return path
-    raise EvaluateError(
-        f"no generator in {models_dir}/ (looked for {', '.join(GENERATOR_FILES)}); "
-        "train one first: `dvc repro train` (or `python -m src.train`)"
-    )
-
-
 def load_generator_file(path: Path, device: torch.device) -> tuple[nn.Module, dict]:
-    from src.sample import load_generator
-
     try:
         return load_generator(path, device=device)
     except UserError:
@@ -81,8 +67,6 @@ def load_generator_file(path: Path, device: torch.device) -> tuple[nn.Module, di
 
 def generate(generator: nn.Module, count: int, *, latent_dim: int, seed: int, device: torch.device,
              batch_size: int) -> torch.Tensor:
-    from src.sample import generate_images
-
     generator.eval()
     return generate_images(generator, count, latent_dim=latent_dim, seed=seed, device=device, batch_size=batch_size)
 
@@ -151,7 +135,6 @@ def evaluate_generator(generator: nn.Module, snapshot: Snapshot, extractor: ince
     """
     from src import coverage
     from src.models import palette_of
-    from src.sample import requested_labels
 
     check_sample_counts(num_samples, snapshot)
     min_game_samples = MIN_GAME_SAMPLES if min_game_samples is None else min_game_samples

@@ -129,7 +129,7 @@ def fid_and_kid(real: torch.Tensor, fake: torch.Tensor, kid_subset_size: int, se
 
 
 def default_cache_dir() -> Path:
-    from src.tracking import repo_root  # the main repo's root even inside a queued DVC experiment
+    from src.paths import repo_root  # the main repo's root even inside a queued DVC experiment
 
     return repo_root() / ".cache" / "fid"
 
@@ -203,7 +203,7 @@ def make_fid_fn(snapshot: Snapshot, params: Params, device: str | torch.device,
 
     def fid_fn(step: int, generator: nn.Module) -> float:
         from src.models import eval_mode
-        from src.sample import generate_images
+        from src.generator import generate_images
 
         with eval_mode(generator):
             fake = generate_images(generator, count, latent_dim=params.model.latent_dim, seed=noise_seed,

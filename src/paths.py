@@ -1,7 +1,8 @@
-"""Where the stages read and write, relative to the repo root (dvc.yaml names the same paths)."""
+"""Where the stages read and write, relative to the repo root (dvc.yaml names the same paths), and that root."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 SPLITS = ("train", "holdout")  # the snapshot's splits, in the order seeds and files use them
@@ -10,3 +11,14 @@ MODELS_DIR = Path("models")
 CHECKPOINT_DIR = Path("checkpoints/train")  # not a DVC output: DVC deletes outputs before a rerun
 TRAIN_METRICS_FILE = Path("metrics/train.json")
 TRAIN_PLOTS_DIR = Path("plots/train")
+
+
+def repo_root() -> Path:
+    """The project folder: DVC's root when a stage runs under DVC, else the working directory."""
+    root = Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+    parts = root.parts
+    # A queued `dvc exp run` works in <repo>/.dvc/tmp/exps/<tmpdir>: results belong to <repo>.
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root

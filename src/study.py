@@ -27,7 +27,7 @@ class TuneError(UserError):
 
 
 def default_storage() -> str:
-    from src.tracking import repo_root
+    from src.paths import repo_root
 
     return f"sqlite:///{repo_root() / 'optuna.db'}"
 

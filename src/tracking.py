@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from src.paths import repo_root
+
 if TYPE_CHECKING:
     import torch
 
@@ -30,16 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "atari-gan"
-
-
-def repo_root() -> Path:
-    root = Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
-    parts = root.parts
-    # A queued `dvc exp run` works in <repo>/.dvc/tmp/exps/<tmpdir>: results belong to <repo>.
-    for i in range(len(parts) - 2):
-        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    return root
 
 
 def tracking_uri() -> str:

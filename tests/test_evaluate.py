@@ -25,6 +25,7 @@ import src.fid as fid
 import src.inception as inception
 import src.quality_metrics as quality_metrics
 from src.data import SnapshotError, file_sha256, load_snapshot
+from src.generator import pick_generator
 from src.params import REPO_ROOT, ParamsError, parse_params
 from tests.conftest import write_tiny_snapshot
 
@@ -105,11 +106,11 @@ def run(workdir: Path, params: dict, cache: Path | None = None, **kwargs) -> dic
 
 def test_pick_generator_prefers_best_then_ema_then_last(tmp_path):
     with pytest.raises(ev.EvaluateError, match="no generator in .*dvc repro train"):
-        ev.pick_generator(tmp_path)
+        pick_generator(tmp_path)
     for name, expected in (("generator.pt", "generator.pt"), ("generator_ema.pt", "generator_ema.pt"),
                            ("generator_best.pt", "generator_best.pt")):
         (tmp_path / name).write_bytes(b"")
-        assert ev.pick_generator(tmp_path).name == expected
+        assert pick_generator(tmp_path).name == expected
 
 
 def test_best_training_fid_from_csv(tmp_path):

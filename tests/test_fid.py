@@ -391,7 +391,7 @@ def test_training_fid_fn_scores_against_cached_training_frames_and_restores_mode
     assert generator.training  # training continues in training mode
     assert fid_fn(20, generator) == pytest.approx(first, rel=1e-5)  # same latents every call
 
-    from src.sample import generate_images
+    from src.generator import generate_images
 
     # The reference is the evaluate stage's fixed subset of training frames, never the holdout, so
     # keeping the best checkpoint by this FID does not flatter the final holdout FID.

@@ -11,7 +11,8 @@ from src.atomic import save_torch_atomic
 from src.errors import UserError
 from src.models import Generator, cpu_state
 from src.params import parse_params
-from src.sample import GeneratorFileError, default_model_path, generate_images, load_generator, main
+from src.generator import GeneratorFileError, generate_images, load_generator, pick_generator
+from src.sample import main
 from src.training import generator_payload
 
 # Raw-RGB generators (palette_size 0); the palette has its own test at the end.
@@ -70,7 +71,7 @@ def test_missing_and_corrupt_files_are_user_errors(tmp_path, generator_file):
 def test_cli_writes_a_grid_and_a_folder(generator_file, tmp_path, monkeypatch):
     path, _ = generator_file
     monkeypatch.chdir(tmp_path)
-    assert default_model_path() == path.relative_to(tmp_path)  # no EMA file: the plain generator
+    assert pick_generator() == path.relative_to(tmp_path)  # no EMA file: the plain generator
     grid = main(["--n", "6", "--out", str(tmp_path / "grid.png"), "--grid", "--nrow", "3", "--device", "cpu"])
     assert Image.open(grid).size == (3 * 66 + 2, 2 * 66 + 2)  # 64 px tiles, 2 px padding
     folder = main(["--n", "5", "--out", str(tmp_path / "imgs"), "--model", str(path), "--seed", "1", "--device", "cpu"])
@@ -123,7 +124,7 @@ def test_palette_generator_file_keeps_its_palette(tmp_path):
 
 
 def test_cli_draws_the_generator_evaluate_scores_and_says_which(tmp_path, monkeypatch, capsys):
-    from src.evaluate import GENERATOR_FILES
+    from src.generator import GENERATOR_FILES
 
     models = tmp_path / "models"
     for seed, name in enumerate(reversed(GENERATOR_FILES)):  # generator.pt, generator_ema.pt, generator_best.pt

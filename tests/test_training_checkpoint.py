@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from src.atomic import file_sha256, load_torch_plain
-from src.sample import GeneratorFileError, load_generator
+from src.generator import GeneratorFileError, load_generator
 from src.training import train_gan
 from src.training.checkpoint import CHECKPOINT_FORMAT, CheckpointError, global_rng_state, set_global_rng_state
 from tests.conftest import TINY_MODEL, TINY_TRAIN, tiny

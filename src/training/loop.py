@@ -23,6 +23,7 @@ from torch import nn
 from src.data import Snapshot, SnapshotError
 from src.device import device_label, resolve_precision
 from src.errors import UserError
+from src.generator import GRID_SIZE, generate_images
 from src.models import cpu_state, eval_mode
 from src.params import IMAGE_SHAPE, Params, effective
 from src.training.checkpoint import (
@@ -37,7 +38,6 @@ from src.training.checkpoint import (
 from src.training.clock import Clock, StopRequest, lr_scale
 from src.training.distributed import process_device, rank_and_world, stream_seed
 from src.training.loss import LOSS_KEYS
-from src.training.outputs import GRID_SIZE
 from src.training.trainer import GANTrainer
 from src.training.window import LossWindow
 
@@ -306,8 +306,6 @@ class _Run:
                 )
 
     def _log_images(self) -> None:
-        from src.sample import generate_images
-
         trainer = self.trainer
         with self.clock.pause("logging"), torch.no_grad(), eval_mode(trainer.eval_generator) as gen:
             pick = torch.randint(len(trainer.sampler), (GRID_SIZE,), generator=self.grid_rng)

@@ -14,8 +14,6 @@ from src.params import IMAGE_SHAPE, Params, effective, flatten
 from src.paths import MODELS_DIR, TRAIN_METRICS_FILE, TRAIN_PLOTS_DIR
 from src.training.loss import LOSS_KEYS
 
-GRID_SIZE = 64  # images per logged or written sample grid
-
 if TYPE_CHECKING:
     from src.training.loop import TrainResult
 
@@ -127,7 +125,7 @@ def train_metrics(result: TrainResult, params: Params, seconds: dict[str, float]
 
 def write_plots(result: TrainResult, params: Params, plots: Path) -> dict[str, Path]:
     """plots/train/: losses.csv, fid.csv (only when FID was measured) and a grid of samples."""
-    from src.sample import generate_images, write_grid
+    from src.generator import GRID_SIZE, generate_images, write_grid
 
     written: dict[str, Path] = {}
     write_csv_atomic(plots / "losses.csv", ["step", *LOSS_KEYS], result.loss_history)
