@@ -25,7 +25,7 @@ import src.fid as fid
 import src.inception as inception
 import src.quality_metrics as quality_metrics
 from src.data import SnapshotError, file_sha256, load_snapshot
-from src.generator import pick_generator
+from src.generator import GeneratorFileError, pick_generator
 from src.params import REPO_ROOT, ParamsError, parse_params
 from tests.conftest import write_tiny_snapshot
 
@@ -105,7 +105,7 @@ def run(workdir: Path, params: dict, cache: Path | None = None, **kwargs) -> dic
 
 
 def test_pick_generator_prefers_best_then_ema_then_last(tmp_path):
-    with pytest.raises(ev.EvaluateError, match="no generator in .*dvc repro train"):
+    with pytest.raises(GeneratorFileError, match="no generator in .*dvc repro train"):
         pick_generator(tmp_path)
     for name, expected in (("generator.pt", "generator.pt"), ("generator_ema.pt", "generator_ema.pt"),
                            ("generator_best.pt", "generator_best.pt")):
