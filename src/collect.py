@@ -73,8 +73,6 @@ def game_shares(total: int, n_games: int) -> list[int]:
     return [base + (i < extra) for i in range(n_games)]
 
 
-
-
 @dataclass
 class _Stream:
     """The frames of one (split, game): shards planned, then merged in shard order.
@@ -189,10 +187,48 @@ def _resolve_workers(workers: int | None, params: Params) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-
-
 def _touch_pages(array: np.ndarray) -> None:
     int(array.reshape(-1)[:: mmap.PAGESIZE].max())  # numpy lets go of the GIL while it reads
+
+
+def lay_out_streams(params: Params, images: np.ndarray) -> tuple[dict[str, np.ndarray], list[_Stream]]:
+    """The snapshot arrays (views of `images`) and one stream per (split, game), each owning its rows.
+
+    Rows are a seeded permutation of places, so any prefix of a split mixes all games.
+    """
+    cfg = params.collect
+    games = list(cfg.games)
+    arrays: dict[str, np.ndarray] = {}
+    streams: list[_Stream] = []
+    rng = np.random.default_rng(np.random.SeedSequence(params.seed, spawn_key=SHUFFLE_KEY))
+    first_row = 0
+    for split, total in (("train", cfg.train_frames), ("holdout", cfg.holdout_frames)):
+        arrays[f"{split}_images"] = np.asarray(images[first_row : first_row + total])
+        labels = arrays[f"{split}_labels"] = np.empty(total, np.uint8)
+        places = rng.permutation(total)
+        start = 0
+        for g, share in enumerate(game_shares(total, len(games))):
+            slots = places[start : start + share]
+            labels[slots] = g
+            streams.append(_Stream(split=split, game_index=g, game=games[g], dedup=cfg.dedup,
+                                   images=images, slots=first_row + slots))
+            start += share
+        first_row += total
+    return arrays, streams
+
+
+def next_tasks(stream: _Stream, params: Params, sink: str) -> list[ShardTask]:
+    """The shard tasks of `stream`'s next round ([] once its share is reached)."""
+    cfg = params.collect
+    tasks, position = [], stream.count
+    for index, steps in stream.plan(cfg.shard_frames):
+        seed = shard_seed(params.seed, stream.split, stream.game_index, index)
+        # Holdout frames are always hashed: they are checked against the training frames.
+        tasks.append(ShardTask(stream.split, stream.game_index, index, stream.game, seed, steps,
+                               cfg.interpolation, cfg.min_mean, cfg.dedup or stream.split == "holdout",
+                               sink=sink, slots=stream.slots[position : position + steps]))
+        position += steps
+    return tasks
 
 
 def play(
@@ -204,9 +240,8 @@ def play(
     deleted before this returns; the returned image arrays map it, so they stay valid.
     """
     cfg = params.collect
-    games = list(cfg.games)
-    if len(games) > 256:
-        raise CollectError(f"collect.games lists {len(games)} games; labels are uint8, so at most 256 are allowed")
+    if len(cfg.games) > 256:
+        raise CollectError(f"collect.games lists {len(cfg.games)} games; labels are uint8, so at most 256 are allowed")
     workers = _resolve_workers(workers, params)
     # First, so that the pool's server process starts (~0.3 s) while this one prepares the run.
     executor = worker_pool(workers) if workers > 1 else None  # workers=1 runs here, with no start-up
@@ -217,35 +252,7 @@ def play(
     toucher = threading.Thread(target=_touch_pages, args=(images,), daemon=True)
     toucher.start()
     try:
-        arrays: dict[str, np.ndarray] = {}
-        streams: list[_Stream] = []
-        rng = np.random.default_rng(np.random.SeedSequence(params.seed, spawn_key=SHUFFLE_KEY))
-        first_row = 0
-        for split, total in (("train", cfg.train_frames), ("holdout", cfg.holdout_frames)):
-            arrays[f"{split}_images"] = np.asarray(images[first_row : first_row + total])
-            labels = arrays[f"{split}_labels"] = np.empty(total, np.uint8)
-            # A seeded permutation of places, so any prefix of a split mixes all games.
-            places = rng.permutation(total)
-            start = 0
-            for g, share in enumerate(game_shares(total, len(games))):
-                slots = places[start : start + share]
-                labels[slots] = g
-                streams.append(_Stream(split=split, game_index=g, game=games[g], dedup=cfg.dedup,
-                                       images=images, slots=first_row + slots))
-                start += share
-            first_row += total
-
-        def next_round(stream: _Stream) -> list[ShardTask]:
-            tasks, position = [], stream.count
-            for index, steps in stream.plan(cfg.shard_frames):
-                seed = shard_seed(params.seed, stream.split, stream.game_index, index)
-                # Holdout frames are always hashed: they are checked against the training frames.
-                tasks.append(ShardTask(stream.split, stream.game_index, index, stream.game, seed, steps,
-                                       cfg.interpolation, cfg.min_mean, cfg.dedup or stream.split == "holdout",
-                                       sink=sink, slots=stream.slots[position : position + steps]))
-                position += steps
-            return tasks
-
+        arrays, streams = lay_out_streams(params, images)
         by_key = {(s.split, s.game_index): s for s in streams}
         train_streams = [s for s in streams if s.split == "train"]
         # Holdout streams whose shards are in but that wait for the training frames to be final.
@@ -264,14 +271,14 @@ def play(
 
         def advance(stream: _Stream) -> None:
             stream.merge()
-            tasks = next_round(stream)
+            tasks = next_tasks(stream, params, sink)
             queue.extendleft(reversed(tasks))  # top-ups first: they gate their stream
             bar.total += sum(t.steps for t in tasks)
 
         # Longest shards first, so the last ones to finish are short; among equal ones, one shard of
         # each stream in turn, so a worker often gets a stream it already has the env of.
         train_final()  # no training frames at all: nothing to wait for
-        queue = deque(sorted((t for s in streams for t in next_round(s)), key=lambda t: (-t.steps, t.index)))
+        queue = deque(sorted((t for s in streams for t in next_tasks(s, params, sink)), key=lambda t: (-t.steps, t.index)))
         from tqdm import tqdm
 
         running: set = set()
