@@ -190,9 +190,6 @@ def make_fid_fn(snapshot: Snapshot, params: Params, device: str | torch.device,
     stream of `seed`, independent of the noise `evaluate` scores with), so values at different
     steps differ by the generator only; it restores the generator's mode.
     """
-    from src.params import effective
-
-    params = effective(params)
     weights = resolve_inception_weights(params.evaluate.inception_weights)
     extractor = InceptionFeatures(weights, device=device, batch_size=params.evaluate.batch_size)
     reference = real_features(extractor, snapshot, "train", count=params.evaluate.num_samples, cache_dir=cache_dir)

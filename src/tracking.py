@@ -171,7 +171,6 @@ class TrainingRun:
         import torch
 
         from src.models import Generator, cpu_state, model_kwargs
-        from src.params import effective
 
         final = {"images_per_s": result.images_per_s, "train_seconds": result.elapsed_s}
         if result.best_fid is not None:
@@ -181,7 +180,7 @@ class TrainingRun:
             if name in written:
                 mlflow.log_artifact(str(written[name]), artifact_path="train")
         # Logged from a fresh CPU copy in fp32 and contiguous layout, so the exported model loads anywhere.
-        gen = Generator(**model_kwargs(effective(params))["generator"])
+        gen = Generator(**model_kwargs(params)["generator"])
         gen.load_state_dict(cpu_state(result.eval_generator))
         gen.eval()
         # A batch of 4: torch.export would specialise a batch dimension of 1 and accept nothing else.

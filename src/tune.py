@@ -42,7 +42,8 @@ def suggest(trial, space) -> dict[str, float]:
 
 
 def trial_params(params: Params, values: dict[str, float]) -> Params:
-    """The params one trial trains with: sampled values, the tuning budget, FID every report step."""
+    """The params one trial trains with (resolved: `effective`): sampled values, the tuning budget, FID every
+    report step."""
     tune = params.tune
     train = params.train.model_copy(
         update={
@@ -53,7 +54,7 @@ def trial_params(params: Params, values: dict[str, float]) -> Params:
             "time_budget_s": None,
         }
     )
-    return params.model_copy(update={"train": train})
+    return effective(params.model_copy(update={"train": train}))
 
 
 def check_config(params: Params, storage: str) -> None:
@@ -104,12 +105,12 @@ def run_trial(trial, params: Params, snapshot, fid_of: Callable, show: Callable 
         return fid
 
     with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True):
-        mlflow.log_params({k: v for k, v in flatten(effective(run_params)).items() if k.startswith(("train.", "model."))})
+        mlflow.log_params({k: v for k, v in flatten(run_params).items() if k.startswith(("train.", "model."))})
         mlflow.set_tags({"optuna.trial": str(trial.number), "optuna.study": trial.study.study_name,
                          "optuna.baseline": str(baseline).lower()})
         try:
             with tempfile.TemporaryDirectory() as ckpt:
-                result = train_gan(effective(run_params), snapshot, checkpoint_dir=Path(ckpt), fid_fn=fid_fn,
+                result = train_gan(run_params, snapshot, checkpoint_dir=Path(ckpt), fid_fn=fid_fn,
                                    log_fn=lambda step, _: show(step=step), progress=False)
         except optuna.TrialPruned:
             mlflow.set_tag("state", "pruned")

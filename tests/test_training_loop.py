@@ -86,6 +86,36 @@ def test_one_images_per_s_figure_and_the_bar_closes_before_the_last_fid(snapshot
     assert last == pytest.approx(result.images_per_s, rel=0.05)
 
 
+def test_the_bar_counts_to_the_time_budget_not_to_an_iteration_count_it_never_reaches(snapshot, monkeypatch):
+    from tqdm import auto
+
+    bars = []
+
+    class Recorder(auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    def state(bar):
+        return bar.total, bar.n, dict(kv.split("=") for kv in bar.postfix.split(", "))
+
+    monkeypatch.setattr(auto, "tqdm", Recorder)
+    result = train_gan(tiny(iterations=1_000_000, time_budget_s=1.0, log_every=5), snapshot, checkpoint_dir=None,
+                       progress=True)
+    (total, n, postfix), = map(state, bars)
+    assert result.stopped_by == "time_budget" and total == 1000 and n == 1000  # the whole budget, in per mille
+    assert postfix["it"] == f"{result.iterations}/1000000" and postfix["s"] == "1/1"
+    bars.clear()
+    train_gan(tiny(iterations=12), snapshot, checkpoint_dir=None, progress=True)
+    (total, n, postfix), = map(state, bars)
+    assert (total, n) == (12, 12) and "it" not in postfix  # no budget: the bar counts iterations
+
+
+def test_train_gan_refuses_params_not_yet_resolved(snapshot):
+    with pytest.raises(ValueError, match="pass src.params.effective"):
+        train_gan(tiny(recipe="article"), snapshot, checkpoint_dir=None, progress=False)
+
+
 def test_fid_callback_exceptions_propagate(snapshot):
     class Pruned(Exception):
         pass

@@ -31,7 +31,7 @@ import torch
 
 from src.atomic import UnsafeFileError, load_torch_plain, save_torch_atomic
 from src.errors import UserError
-from src.params import Params, effective
+from src.params import Params
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,6 @@ class CheckpointError(UserError):
 
 def training_settings(params: Params, snapshot_sha256: str, device: torch.device, world_size: int) -> dict[str, Any]:
     """Everything that changes the trained weights (plain JSON data); equal settings may resume."""
-    params = effective(params)
     schedule = SCHEDULE_KEYS if params.train.lr_decay == "linear" else ()
     train = {k: v for k, v in params.train.model_dump().items() if k not in NON_TRAINING_KEYS or k in schedule}
     return {
@@ -76,7 +75,6 @@ def training_fingerprint(params: Params, snapshot_sha256: str, device: torch.dev
 
 def fid_settings(params: Params) -> dict[str, Any]:
     """What a training-time FID depends on beyond the fingerprint: FIDs are comparable only when these are equal."""
-    params = effective(params)
     return {"train.fid_samples": params.train.fid_samples, "evaluate.num_samples": params.evaluate.num_samples,
             "evaluate.inception_weights": params.evaluate.inception_weights,
             "evaluate.batch_size": params.evaluate.batch_size}

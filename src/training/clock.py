@@ -60,12 +60,17 @@ class Clock:
         return self.paused.section(name)
 
 
+def done_fraction(step: int, iterations: int, elapsed_s: float, budget_s: float | None) -> float:
+    """How far the run is, 0 to 1, towards whichever end comes first: the iteration count or the time budget."""
+    done = step / iterations
+    if budget_s is not None:
+        done = max(done, elapsed_s / budget_s)
+    return min(1.0, done)
+
+
 def lr_scale(step: int, iterations: int, elapsed_s: float, budget_s: float | None) -> float:
     """Linear decay: 1 at the start, 0 at whichever end comes first, the iteration count or the time budget.
 
     Under a time budget the schedule follows the clock, so a slower machine decays over fewer steps.
     """
-    done = step / iterations
-    if budget_s is not None:
-        done = max(done, elapsed_s / budget_s)
-    return max(0.0, 1.0 - done)
+    return 1.0 - done_fraction(step, iterations, elapsed_s, budget_s)

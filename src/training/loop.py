@@ -35,7 +35,7 @@ from src.training.checkpoint import (
     training_settings,
     write_checkpoint,
 )
-from src.training.clock import Clock, StopRequest, lr_scale
+from src.training.clock import Clock, StopRequest, done_fraction, lr_scale
 from src.training.distributed import process_device, rank_and_world, stream_seed
 from src.training.loss import LOSS_KEYS
 from src.training.trainer import GANTrainer
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 FidFn = Callable[[int, nn.Module], float]
 LogFn = Callable[[int, dict[str, float]], None]
 ImageFn = Callable[[int, torch.Tensor, torch.Tensor], None]
+BUDGET_BAR_TOTAL = 1000  # the progress bar's steps under a time budget (per mille of the run)
 
 
 class NonFiniteLossError(UserError):
@@ -118,7 +119,7 @@ def train_gan(
     progress: bool = True,
     checkpoint_meta: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train a GAN on `snapshot` with `params` (the article recipe is applied here if selected).
+    """Train a GAN on `snapshot` with `params` as they run (`src.params.effective`: recipe and `auto` applied).
 
     - `fid_fn(step, eval_generator) -> fid` runs every `train.fid_every` steps and at the end (the
       generator is in eval mode; its exceptions, e.g. optuna.TrialPruned, propagate). Lower is better;
@@ -132,7 +133,8 @@ def train_gan(
     Under an initialised torch.distributed process group, trains with DDP; only rank 0 calls the
     callbacks and writes the checkpoint. Training time excludes callbacks and checkpoint writing.
     """
-    params = effective(params)
+    if effective(params) != params:  # resolved once, where the stage loads them
+        raise ValueError("train_gan takes the params as they run: pass src.params.effective(params)")
     check_snapshot(snapshot)
     rank, world = rank_and_world()
     device = process_device(params.train.device, world)
@@ -215,9 +217,13 @@ class _Run:
 
         t = self.t
         # No tqdm rate: it would count FID pauses. img/s is training images per training second, as everywhere.
-        bar = tqdm(total=t.iterations, initial=self.step, desc="train", unit="it", dynamic_ncols=True,
-                   mininterval=0.5, disable=not (progress and self.rank == 0),
-                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+        # Under a time budget the bar counts towards whichever end comes first (in per mille), not to an
+        # iteration count the budget may never reach; the iterations and seconds go in its postfix.
+        counts = "{n_fmt}/{total_fmt} " if t.time_budget_s is None else ""
+        bar = tqdm(total=t.iterations if t.time_budget_s is None else BUDGET_BAR_TOTAL, initial=self._bar_position(),
+                   desc="train", unit="it", dynamic_ncols=True, mininterval=0.5,
+                   disable=not (progress and self.rank == 0),
+                   bar_format="{l_bar}{bar}| " + counts + "[{elapsed}<{remaining}{postfix}]")
         with self.stopper.installed(self.ckpt_path is not None):
             if self._spent():
                 bar.close()
@@ -235,11 +241,20 @@ class _Run:
             losses = self.trainer.step()
             self.step += 1
             self.window.add(losses)
-            bar.update(1)
+            self._advance_bar(bar)
             stopped_by = self._after_step(bar)
             if stopped_by != "iterations":
                 return stopped_by
         return "iterations"
+
+    def _bar_position(self) -> int:
+        t = self.t
+        if t.time_budget_s is None:
+            return self.step
+        return round(BUDGET_BAR_TOTAL * done_fraction(self.step, t.iterations, self.clock.elapsed(), t.time_budget_s))
+
+    def _advance_bar(self, bar: Any) -> None:
+        bar.update(self._bar_position() - bar.n)  # redraws at most every mininterval
 
     def _after_step(self, bar: Any) -> str:
         """Log images, then, at a sync point, read the losses and measure/checkpoint what is due (the
@@ -281,7 +296,9 @@ class _Run:
         rate = self.images_per_s()
         self.loss_history.append({"step": self.step, **self.last_means})
         if self.rank == 0:
-            bar.set_postfix({"img/s": f"{rate:.0f}", "loss_g": f"{self.last_means['loss_g']:.3f}",
+            budget = {} if self.t.time_budget_s is None else {
+                "it": f"{self.step}/{self.t.iterations}", "s": f"{self.clock.elapsed():.0f}/{self.t.time_budget_s:g}"}
+            bar.set_postfix({**budget, "img/s": f"{rate:.0f}", "loss_g": f"{self.last_means['loss_g']:.3f}",
                              "loss_d": f"{self.last_means['loss_d']:.3f}"}, refresh=False)
             if self.log_fn is not None:
                 with self.clock.pause("logging"):

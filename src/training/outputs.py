@@ -10,7 +10,7 @@ import torch
 from src.atomic import save_torch_atomic, write_csv_atomic, write_json_atomic
 from src.data import Snapshot
 from src.models import cpu_state, eval_mode, model_kwargs
-from src.params import IMAGE_SHAPE, Params, effective, flatten
+from src.params import IMAGE_SHAPE, Params, flatten
 from src.paths import MODELS_DIR, TRAIN_METRICS_FILE, TRAIN_PLOTS_DIR
 from src.training.loss import LOSS_KEYS
 
@@ -26,7 +26,6 @@ def generator_payload(state: dict[str, torch.Tensor], params: Params, step: int,
     and `src.evaluate` read (params.yaml may name others when the snapshot was not rebuilt).
     `snapshot_sha256`: that snapshot's digest, which evaluate checks against the current one.
     """
-    params = effective(params)
     recorded = flatten(params)
     if games is not None:
         recorded["collect.games"] = list(games)
@@ -53,7 +52,6 @@ def write_outputs(
     root: Path = Path("."),
 ) -> dict[str, Path]:
     """Write the DVC outputs of the stage (models, metrics, plots), each file atomically."""
-    params = effective(params)
     root = Path(root)
     written = write_models(result, params, snapshot, root / MODELS_DIR, run_ids or {})
     write_json_atomic(root / TRAIN_METRICS_FILE, train_metrics(result, params, seconds or result.seconds))
