@@ -362,9 +362,10 @@ def main() -> None:
     raw = f"  raw FID {metrics['fid_raw']:.2f}" if "fid_raw" in metrics else ""
     palette = f"  palette FID {metrics['fid_palette']:.2f}" if "fid_palette" in metrics else ""
     agree = f", label agreement {metrics['label_agreement']:.3f}" if "label_agreement" in metrics else ""
+    spread = "(whole sample: no spread)" if metrics["kid_std"] is None else f"± {metrics['kid_std']:.4f}"
     print(
-        f"FID {metrics['fid']:.2f} ({metrics['post_processing']}){raw}{palette}  KID {metrics['kid_mean']:.4f} ± "
-        f"{metrics['kid_std']:.4f}  precision {metrics['precision']:.3f} recall {metrics['recall']:.3f}  "
+        f"FID {metrics['fid']:.2f} ({metrics['post_processing']}){raw}{palette}  KID {metrics['kid_mean']:.4f} {spread}  "
+        f"precision {metrics['precision']:.3f} recall {metrics['recall']:.3f}  "
         f"game shares TV {metrics['coverage_tv']:.3f}{agree}  "
         f"(floor: holdout vs train FID {metrics['fid_holdout_vs_train']:.2f}; "
         f"{metrics['num_generated']} generated vs {metrics['num_real']} holdout; {metrics['generator_file']}) "

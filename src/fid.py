@@ -116,13 +116,18 @@ def kid_from_features(real: torch.Tensor, fake: torch.Tensor, subset_size: int, 
 
 def fid_and_kid(real: torch.Tensor, fake: torch.Tensor, kid_subset_size: int, seed: int = 0,
                 device: str | torch.device = "cpu") -> dict:
-    """FID and KID from one pair of feature sets; the KID subset size is clamped to the sample counts."""
+    """FID and KID from one pair of feature sets; the KID subset size is clamped to the sample counts.
+
+    A subset as large as the smaller set takes all of it every time: the subsets then differ in the
+    other set's draw at most (not at all with equal counts), their spread is not KID's sampling error,
+    and `kid_std` is None.
+    """
     subset = min(kid_subset_size, len(real), len(fake))
     kid_mean, kid_std = kid_from_features(real, fake, subset, seed=seed, device=device)
     return {
         "fid": fid_from_features(real, fake, device=device),
         "kid_mean": kid_mean,
-        "kid_std": kid_std,
+        "kid_std": None if subset == min(len(real), len(fake)) else kid_std,
         "kid_subset_size": subset,
         "kid_subsets": KID_SUBSETS,
     }

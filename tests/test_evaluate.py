@@ -141,10 +141,11 @@ def test_evaluate_writes_metrics_and_grid(atari_workdir, hub_weights):
     assert written["num_real_for_prc"] == 20
     assert written["biased_sample_size"] is True
     assert written["kid_subset_size"] == 20  # clamped from 1000 and recorded
+    assert written["kid_std"] is None  # 20 of 20 generated: every subset is the whole sample
     assert written["weights_sha256"] == file_sha256(weights)
     assert written["snapshot_sha256"] == snapshot.sha256
     assert written["best_train_step"] == 200 and written["best_train_fid"] == 280.5
-    for key in ("fid", "kid_mean", "kid_std", "fid_holdout_vs_train", "fid_raw", "fid_floor_palette"):
+    for key in ("fid", "kid_mean", "fid_holdout_vs_train", "fid_raw", "fid_floor_palette"):
         assert np.isfinite(written[key]), key
     assert written["fid"] > written["fid_holdout_vs_train"] > 0  # an untrained generator is far off the floor
     # Shipped with its palette: fid is the palette drawing; the same latents raw score otherwise.

@@ -323,7 +323,9 @@ def test_kid_from_the_same_features(sets):
     clean = fid.fid_and_kid(sets["a"], sets["noisy"][0], kid_subset_size=1000)
     assert clean["kid_subset_size"] == 16  # clamped to the sample count
     assert clean["fid"] > 0
-    assert math.isfinite(clean["kid_std"])
+    assert clean["kid_std"] is None  # every subset is the whole sample: no spread to report
+    smaller = fid.fid_and_kid(sets["a"], sets["noisy"][0], kid_subset_size=8)
+    assert math.isfinite(smaller["kid_std"]) and smaller["kid_std"] > 0
     noisy_mean, _ = fid.kid_from_features(sets["a"], sets["noisy"][90], subset_size=16)
     assert clean["kid_mean"] < noisy_mean
     with pytest.raises(inception.FIDInputError, match="KID subset size 30"):
