@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 import src.tune as tune
-from src.params import REPO_ROOT, load_params
+from src.params import load_params
 from src.study import BASELINE_ATTR, baseline_values
 
 TINY = {
