@@ -276,7 +276,7 @@ def test_missing_snapshot(workdir):
 
 def test_missing_model(workdir):
     (workdir / "models" / "generator.pt").unlink()
-    with pytest.raises(ev.EvaluateError, match="no generator"):
+    with pytest.raises(GeneratorFileError, match="no generator"):
         run(workdir, tiny_params())
     assert not (workdir / "metrics" / "eval.json").exists()
 
