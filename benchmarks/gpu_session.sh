@@ -18,7 +18,7 @@ BUDGET=${BUDGET:-90}
 BENCH_SECONDS=${BENCH_SECONDS:-10}
 LIMIT=${LIMIT:-570}
 WHEELS="pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 gymnasium==1.4.0
-farama-notifications==0.0.6 ale-py==0.12.1"
+farama-notifications==0.0.6 ale-py==0.12.1 typing-extensions==4.16.0"  # pydantic needs typing-extensions >= 4.16
 export PYTHONUNBUFFERED=1
 
 case "${1:-}" in
@@ -30,7 +30,9 @@ wheels)  # the device's python3 is 3.12 (/work/.library/device/KINDS.md); pip ma
   exit 0 ;;
 run)
   : "${OUT:?run this on the device machine, where \$OUT is set}"
-  ls .whl/*.whl >/dev/null 2>&1 || { echo "error: no wheels in .whl/: run 'benchmarks/gpu_session.sh wheels' here and carry .whl" >&2; exit 2; }
+  if ! ls .whl/*.whl >/dev/null 2>&1; then
+    echo "error: no wheels in .whl/: run 'benchmarks/gpu_session.sh wheels' here and carry .whl" >&2; exit 2
+  fi
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site:$PWD"
   DEVICE=cuda SNAPSHOT=data/snapshot

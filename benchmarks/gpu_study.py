@@ -125,7 +125,8 @@ def score_dir(folder: Path, args: argparse.Namespace) -> None:
             raise UserError(f"{path} holds no study record: score only files written by `gpu_study.py train`")
         if record["snapshot_sha256"] != snapshot.sha256:
             raise UserError(f"{path} was trained on snapshot {record['snapshot_sha256'][:12]}, {args.snapshot} is "
-                            f"{snapshot.sha256[:12]}; rebuild it with `python -m src.collect` from the same params.yaml")
+                            f"{snapshot.sha256[:12]}; rebuild it with `python -m src.collect` from the same "
+                            "params.yaml")
         metrics, fake = evaluate_generator(generator, snapshot, extractor, latent_dim=int(meta["latent_dim"]),
                                            num_samples=args.samples, kid_subset_size=base.evaluate.kid_subset_size,
                                            seed=record["seed"], palette_size=base.model.palette_size)

@@ -50,7 +50,8 @@ def test_graph_plan_graphs_lazy_r1_on_one_cuda_process_and_says_which_path_runs(
         graphed, line = plan(**kwargs)
         assert graphed and "one CUDA graph replayed at every step" in line
     for kwargs, says in (({"world": 2}, "one process"), ({"compile_": True}, "train.compile: false"),
-                         ({"cuda_graphs": False}, "train.cuda_graphs: false"), ({"device": torch.device("cpu")}, "cpu")):
+                         ({"cuda_graphs": False}, "train.cuda_graphs: false"),
+                         ({"device": torch.device("cpu")}, "cpu")):
         graphed, line = plan(**kwargs)
         assert not graphed and "eager" in line and says in line, kwargs
 

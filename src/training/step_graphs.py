@@ -51,7 +51,7 @@ class StepGraphs:
         self.outputs: dict[str, torch.Tensor] = {}
 
     def action(self, kind: str) -> str:
-        """What this step of `kind` does, and count it: the first `warmup` warm up, the next captures, the rest replay."""
+        """What this step of `kind` does, counted: the first `warmup` warm up, the next captures, later ones replay."""
         seen = self.seen[kind]
         self.seen[kind] += 1
         return WARMUP if seen < self.warmup else CAPTURE if seen == self.warmup else REPLAY

@@ -98,7 +98,8 @@ class GANTrainer:
         self.step_count = 0
         # What a graph captures: one step function per kind, reading no Python state that changes between steps.
         self.step_fns = {kind: functools.partial(self._step, kind == R1) for kind in step_kinds(t.r1_gamma, t.r1_every)}
-        self.graphs = StepGraphs(device, [self.sampler.generator, self.rng], self.GRAPH_WARMUP) if self.graphed else None
+        generators = [self.sampler.generator, self.rng]
+        self.graphs = StepGraphs(device, generators, self.GRAPH_WARMUP) if self.graphed else None
 
     def _wrap_models(self, world_size: int) -> None:
         """The modules a step calls: G and D, compiled and/or wrapped in DDP as `train.*` asks."""
