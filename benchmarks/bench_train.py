@@ -16,7 +16,8 @@ Floors (issue 3): CPU ratio >= 1.8; one H100: ours >= 30,000 images/s and >= 20x
     ... --write                                            # also update benchmarks/RESULTS.md
 
 Needs torch, numpy, opencv, gymnasium, ale-py, pydantic and pyyaml; not mlflow/dvc/optuna. The
-snapshot is random frames written with `src.data.write_snapshot` (speed does not depend on them).
+snapshot is random frames (speed does not depend on them). `benchmarks/bench_recipes.py` compares
+params.yaml's default recipe with the article's recipe, both in our loop, on a GPU or a CPU.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import random
 import re
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,10 +42,9 @@ from torch import nn  # noqa: E402
 
 from benchmarks.results_md import machine  # noqa: E402
 from src.atomic import write_bytes_atomic  # noqa: E402
-from src.data import load_snapshot, write_snapshot  # noqa: E402
 from src.device import resolve_device, resolve_precision  # noqa: E402
 from src.models import Discriminator, Generator  # noqa: E402
-from src.params import ARTICLE_TRAIN, parse_params  # noqa: E402
+from src.params import ARTICLE_MODEL, ARTICLE_TRAIN, Params, effective, parse_params  # noqa: E402
 from src.training.trainer import GANTrainer  # noqa: E402
 from src.training.window import LossWindow  # noqa: E402
 
@@ -148,29 +147,19 @@ class ArticleLoop:
 
 
 class OurLoop:
-    """`GANTrainer.step` with train_gan's device-side loss window, read every `log_every` steps
-    and at the end of each timed window (so a short window syncs more often, never less)."""
+    """`GANTrainer.step` with train_gan's device-side loss window, read every `train.log_every` steps
+    and at the end of each timed window (so a short window syncs more often, never less). The
+    snapshot is `frames` random frames (speed does not depend on them)."""
 
-    def __init__(self, device: torch.device, batch_size: int, precision: str, channels_last: bool, compile_: bool,
-                 cuda_graphs: bool, log_every: int, frames: int):
-        train = {**ARTICLE_TRAIN, "recipe": "custom", "batch_size": batch_size, "precision": precision,
-                 "channels_last": channels_last, "compile": compile_, "cuda_graphs": cuda_graphs,
-                 "device": str(device), "log_every": log_every}
-        self.params = parse_params({"train": train})
-        with tempfile.TemporaryDirectory() as tmp:
-            rng = np.random.default_rng(0)
-            arrays = {
-                "train_images": rng.integers(0, 256, (frames, 3, 64, 64), dtype=np.uint8),
-                "train_labels": np.zeros(frames, np.int64),
-                "holdout_images": rng.integers(0, 256, (8, 3, 64, 64), dtype=np.uint8),
-                "holdout_labels": np.zeros(8, np.int64),
-            }
-            snapshot = load_snapshot(write_snapshot(Path(tmp) / "snapshot", arrays, {"games": list(GAMES)}))
-            self.dtype = resolve_precision(precision, device)
-            self.trainer = GANTrainer(self.params, np.array(snapshot.train_images), device, precision=self.dtype)
-        self.window = LossWindow(log_every, device, 1)
-        self.log_every = log_every
-        self.images_per_iteration = batch_size
+    def __init__(self, device: torch.device, params: Params, frames: int):
+        self.params = params = effective(params)
+        rng = np.random.default_rng(0)
+        self.dtype = resolve_precision(params.train.precision, device)
+        self.trainer = GANTrainer(params, rng.integers(0, 256, (frames, 3, 64, 64), dtype=np.uint8), device,
+                                  precision=self.dtype)
+        self.log_every = params.train.log_every
+        self.window = LossWindow(self.log_every, device, 1)
+        self.images_per_iteration = self.trainer.images_per_step(1)
         self.last: list[float] = []
 
     def run(self, iterations: int) -> None:
@@ -179,6 +168,16 @@ class OurLoop:
             if i % self.log_every == 0 or i == iterations:
                 rows, _ = self.window.read()
                 self.last = rows[-1]
+
+
+def article_model_params(device: torch.device, batch_size: int, precision: str, channels_last: bool,
+                         compile_: bool, cuda_graphs: bool, log_every: int) -> Params:
+    """The article's model and hyper-parameters in our loop, with this benchmark's speed switches."""
+    train = {**ARTICLE_TRAIN, "recipe": "custom", "batch_size": batch_size, "precision": precision,
+             "channels_last": channels_last, "compile": compile_, "cuda_graphs": cuda_graphs,
+             "device": str(device), "log_every": log_every}
+    # The model pinned too: params' own defaults (width 32, palette, minibatch std) are not the article's.
+    return parse_params({"model": ARTICLE_MODEL, "train": train})
 
 
 # Measuring ---------------------------------------------------------------------------------
@@ -203,8 +202,8 @@ def measure(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     random.seed(0)
     article = ArticleLoop(device)
-    ours = OurLoop(device, batch, args.precision, not args.no_channels_last, args.compile, args.cuda_graphs,
-                   args.log_every, args.frames)
+    ours = OurLoop(device, article_model_params(device, batch, args.precision, not args.no_channels_last,
+                                                args.compile, args.cuda_graphs, args.log_every), args.frames)
     load_before = os.getloadavg()
 
     # Warm-up (oneDNN/cuDNN kernel choice, torch.compile), then size windows to ~window_s seconds.

@@ -7,7 +7,8 @@ the generator's output of the last D step is reused (detached) by D and then by 
 Speed: the snapshot is copied to the device once as uint8 (`DeviceSampler`); noise and
 augmentation are drawn on the device; a step returns its losses on the device without a sync.
 bf16 autocast, channels_last, fused Adam (CUDA), torch.compile and CUDA-graph replay of the whole
-step are switches in `train.*`.
+step are switches in `train.*`; `src.training.step_graphs` captures and replays the step, one graph per
+kind of step (plain, and lazy R1's).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,12 +24,12 @@ from torch import nn
 
 from src.augment import diff_augment, parse_policy
 from src.data import DeviceSampler
-from src.errors import UserError
 from src.models import build_models, palette_of
 from src.params import Params
 from src.training.distributed import ddp_kwargs, stream_seed
 from src.training.ema import EMA
 from src.training.loss import discriminator_loss, generator_loss, gradient_penalty, r1_penalty
+from src.training.step_graphs import R1, StepGraphs, graph_plan, step_kind, step_kinds
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,12 @@ log = logging.getLogger(__name__)
 class GANTrainer:
     """The models, optimisers and random streams of one run, and one training iteration.
 
-    With `train.cuda_graphs` (CUDA, one process, no torch.compile) the first `GRAPH_WARMUP` steps
-    run eagerly on a side stream, the next one is captured as a CUDA graph and every step after is
-    one replay: the per-kernel CPU cost (cuDNN calls dominate it at batch 256) is paid once. The
-    sampler's and the noise generator's states are registered with the graph, so every replay
-    draws new batches, noise and augmentations; the EMA update runs eagerly after each replay
-    because its decay changes during warm-up.
+    With `train.cuda_graphs` (CUDA, one process, no torch.compile) each kind of step (plain, lazy R1's)
+    runs eagerly on a side stream for its first `GRAPH_WARMUP` steps, is captured as a CUDA graph at
+    the next and replayed at every later step of its kind: the per-kernel CPU cost (cuDNN calls
+    dominate it) is paid once. The sampler's and the noise generator's states are registered with
+    both graphs, so every replay draws new batches, noise and augmentations; the EMA update runs
+    eagerly after each step because its decay changes during warm-up.
     """
 
     GRAPH_WARMUP = 3
@@ -76,17 +76,11 @@ class GANTrainer:
         self.G = generator.to(device, memory_format=self.memory_format)
         self.D = discriminator.to(device, memory_format=self.memory_format)
         self.ema = EMA(self.G, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
-        # Lazy R1 makes two kinds of step (with and without the penalty); one captured graph holds one kind.
-        lazy_r1 = t.r1_gamma > 0 and t.r1_every > 1
-        self.graphed = t.cuda_graphs and device.type == "cuda" and world_size == 1 and not t.compile and not lazy_r1
-        if t.cuda_graphs and device.type == "cuda" and not self.graphed:
-            # Lazy R1 is the default recipe, not a mistake to warn about; the other two are a user's choice.
-            notice = log.info if lazy_r1 and world_size == 1 and not t.compile else log.warning
-            notice("train.cuda_graphs needs one process, train.compile: false and no lazy R1 "
-                   "(train.r1_every: 1 or train.r1_gamma: 0); running eagerly")
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._graph_out: torch.Tensor | None = None
-        self._warm_steps = 0
+        self.graphed, path = graph_plan(t.cuda_graphs, t.compile, t.r1_gamma, t.r1_every, device, world_size,
+                                        self.GRAPH_WARMUP)
+        if rank == 0:  # which path runs; a warning when DDP or compile turns off the graphs asked for
+            turned_off = t.cuda_graphs and device.type == "cuda" and not self.graphed
+            log.log(logging.WARNING if turned_off else logging.INFO, path)
         adam: dict[str, Any] = {"betas": (t.beta1, t.beta2)}
         if device.type == "cuda":
             adam["fused"] = True
@@ -102,6 +96,10 @@ class GANTrainer:
 
         self._wrap_models(world_size)
         self.step_count = 0
+        # What a graph captures: one step function per kind, reading no Python state that changes between steps.
+        self.step_fns = {kind: functools.partial(self._step, kind == R1) for kind in step_kinds(t.r1_gamma, t.r1_every)}
+        generators = [self.sampler.generator, self.rng]
+        self.graphs = StepGraphs(device, generators, self.GRAPH_WARMUP) if self.graphed else None
 
     def _wrap_models(self, world_size: int) -> None:
         """The modules a step calls: G and D, compiled and/or wrapped in DDP as `train.*` asks."""
@@ -167,49 +165,17 @@ class GANTrainer:
 
         With CUDA graphs the returned tensor is overwritten by the next step: copy it before then.
         """
-        if not self.graphed:
-            losses = self._step()
-        elif self._graph is not None:
-            self._graph.replay()
-            losses = self._graph_out
-        elif self._warm_steps < self.GRAPH_WARMUP:
-            self._warm_steps += 1
-            losses = self._on_side_stream(self._step)
-        else:
-            losses = self._capture()
+        kind = step_kind(self.step_count, self.t.r1_gamma, self.t.r1_every)
+        fn = self.step_fns[kind]
+        losses = fn() if self.graphs is None else self.graphs.run(kind, fn)
         self.step_count += 1
         if self.ema is not None:
             self.ema.update(self.G, self.step_count)
         return losses
 
-    def _on_side_stream(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Warm-up before capture runs on a side stream, as torch.cuda.graphs requires."""
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            out = fn()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        return out
-
-    def _capture(self) -> torch.Tensor:
-        """Record one step as a CUDA graph and run it (capture alone executes nothing)."""
-        graph = torch.cuda.CUDAGraph()
-        for gen in (self.sampler.generator, self.rng):
-            graph.register_generator_state(gen)
-        try:
-            torch.cuda.synchronize(self.device)
-            with torch.cuda.graph(graph):
-                out = self._step()
-        except RuntimeError as exc:
-            raise UserError(f"train.cuda_graphs: capturing the training step failed ({exc}); "
-                            "set train.cuda_graphs: false in params.yaml") from exc
-        self._graph, self._graph_out = graph, out
-        graph.replay()
-        return out
-
-    def _step(self) -> torch.Tensor:
+    def _step(self, regularise: bool) -> torch.Tensor:
+        """One iteration of one kind: with the lazy R1 penalty (`regularise`) or without."""
         t = self.t
-        regularise = t.r1_gamma > 0 and self.step_count % t.r1_every == 0
         for k in range(t.d_steps):
             last = k == t.d_steps - 1
             real, labels = self._real()
