@@ -17,7 +17,7 @@ from src.errors import run_cli
 from src.profile import load_run_params
 from src.paths import CHECKPOINT_DIR, MODELS_DIR, SNAPSHOT_DIR, TRAIN_METRICS_FILE, TRAIN_PLOTS_DIR
 from src.timing import Stopwatch
-from src.tracking import TrainingRun
+from src.tracking import TrainingRun, check_store
 from src.training.checkpoint import checkpoint_meta, training_settings
 from src.training.distributed import end_distributed, init_distributed, process_device
 from src.training.loop import TrainingInterrupted, check_snapshot, train_gan
@@ -41,6 +41,7 @@ def main() -> None:
         fid_fn = None
         meta: dict[str, Any] = {}
         if rank == 0:
+            check_store()  # before any work: a store that cannot be used costs nothing
             # Before anything starts: a refused checkpoint must leave the MLflow run it belongs to alone.
             settings = training_settings(params, snapshot.sha256, device, world)
             resume_id = checkpoint_meta(CHECKPOINT_DIR, settings, params.train.iterations).get("mlflow_run_id")
