@@ -139,3 +139,16 @@ def test_two_teammates_share_runs_models_and_data(tmp_path, shipped_params_text,
         if path.is_file():
             assert digest(path) == digest(b / path.relative_to(a)), path
     print("team timings (tiny params): " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
+
+
+def test_the_default_remote_is_a_folder_beside_the_clone(tmp_path):
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    git("init", "-q", cwd=clone)
+    sh("dvc", "init", "-q", cwd=clone)
+    shutil.copy(REPO / ".dvc" / "config", clone / ".dvc" / "config")
+    (clone / "frames.bin").write_bytes(b"a snapshot")
+    sh("dvc", "add", "-q", "frames.bin", cwd=clone)
+    sh("dvc", "push", cwd=clone)
+    pushed = [p for p in (tmp_path / "atari-gan-dvc-remote").rglob("*") if p.is_file()]
+    assert [p.read_bytes() for p in pushed] == [b"a snapshot"]
