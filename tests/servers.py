@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import subprocess
+import sys
 import urllib.request
 from base64 import b64encode
 from collections.abc import Iterator

@@ -19,7 +19,6 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
 import yaml
 
 from tests.conftest import TINY_PARAMS, cli_env, edit_params
