@@ -39,6 +39,7 @@ from src.params import Params, load_params
 from src.profile import apply_profile
 from src.quality_metrics import SmallSampleWarning, set_metrics
 from src.timing import Stopwatch
+from src.tracking import check_store, logged_after_work
 from src.paths import MODELS_DIR, SNAPSHOT_DIR, TRAIN_PLOTS_DIR
 
 METRICS_FILE = Path("metrics/eval.json")
@@ -356,9 +357,11 @@ def main() -> None:
     # palette, with which its screens are also scored (fid_palette), like for like with the default's.
     params = apply_profile(load_params())
     watch = Stopwatch()
+    check_store()  # before any work: a store that cannot be used costs nothing
     metrics = run_evaluation(params, watch=watch)
     with watch.section("mlflow"):
-        run_id = log_to_mlflow(metrics, GRID_FILE, MODELS_DIR / RUN_FILE)
+        run_id = logged_after_work(log_to_mlflow, metrics, GRID_FILE, MODELS_DIR / RUN_FILE,
+                                   what="logging the evaluation", relog="run `python -m src.evaluate` again")
     raw = f"  raw FID {metrics['fid_raw']:.2f}" if "fid_raw" in metrics else ""
     palette = f"  palette FID {metrics['fid_palette']:.2f}" if "fid_palette" in metrics else ""
     agree = f", label agreement {metrics['label_agreement']:.3f}" if "label_agreement" in metrics else ""
@@ -369,7 +372,7 @@ def main() -> None:
         f"game shares TV {metrics['coverage_tv']:.3f}{agree}  "
         f"(floor: holdout vs train FID {metrics['fid_holdout_vs_train']:.2f}; "
         f"{metrics['num_generated']} generated vs {metrics['num_real']} holdout; {metrics['generator_file']}) "
-        f"-> {METRICS_FILE}, {GRID_FILE}, MLflow run {run_id}"
+        f"-> {METRICS_FILE}, {GRID_FILE}" + (f", MLflow run {run_id}" if run_id else " (not logged to MLflow)")
     )
     print(watch.summary())
 

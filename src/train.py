@@ -17,9 +17,9 @@ from src.errors import run_cli
 from src.profile import load_run_params
 from src.paths import CHECKPOINT_DIR, MODELS_DIR, SNAPSHOT_DIR, TRAIN_METRICS_FILE, TRAIN_PLOTS_DIR
 from src.timing import Stopwatch
-from src.tracking import TrainingRun
+from src.tracking import TrainingRun, check_store
 from src.training.checkpoint import checkpoint_meta, training_settings
-from src.training.distributed import end_distributed, init_distributed, process_device
+from src.training.distributed import check_same_on_every_rank, end_distributed, init_distributed, process_device
 from src.training.loop import TrainingInterrupted, check_snapshot, train_gan
 from src.training.outputs import write_outputs
 
@@ -38,9 +38,13 @@ def main() -> None:
             snapshot = load_snapshot(SNAPSHOT_DIR, verify=rank == 0)
             check_snapshot(snapshot)
             check_collect_params(params, snapshot)
+        if world > 1:  # nodes on other machines each read their own copy
+            check_same_on_every_rank(snapshot.sha256, f"the snapshot in {SNAPSHOT_DIR}",
+                                     "give every node the same one (`dvc pull` on each, docs/team.md)")
         fid_fn = None
         meta: dict[str, Any] = {}
         if rank == 0:
+            check_store()  # before any work: a store that cannot be used costs nothing
             # Before anything starts: a refused checkpoint must leave the MLflow run it belongs to alone.
             settings = training_settings(params, snapshot.sha256, device, world)
             resume_id = checkpoint_meta(CHECKPOINT_DIR, settings, params.train.iterations).get("mlflow_run_id")

@@ -283,6 +283,7 @@ def tune(params: Params, *, n_trials: int, timeout: float | None, study_name: st
     from src.fid import make_fid_fn
 
     snapshot = load_snapshot()
+    tracking.check_store()  # before any work (and the study storage): a store that cannot be used costs nothing
     check_config(params, storage)
     # One FID function for every trial: the Inception model and the real statistics load once.
     fid_of = make_fid_fn(snapshot, trial_params(params, {}), resolve_device(params.train.device))

@@ -138,3 +138,7 @@ def shipped_params_text() -> str:
                               text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.skip(f"the shipped params.yaml is read from git, which is not available here ({exc})")
+
+
+# Real servers (MLflow tracking, WebDAV remote) shared by the team tests: one of each per session.
+from tests.servers import dav_server, mlflow_server  # noqa: E402, F401

@@ -2,7 +2,8 @@
 
 Under `torchrun --nproc_per_node=N -m src.train` each process trains on its own batches (its own
 seeds; `batch_size` is per process) with DistributedDataParallel; rank 0 writes checkpoints,
-outputs and the MLflow run.
+outputs and the MLflow run. Across machines (`--nnodes`) only rank 0's machine holds the
+checkpoint: it is read there and sent to every process; every node must hold the same snapshot.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from src.device import resolve_device
+from src.errors import UserError
 
 
 def init_distributed(device_name: str) -> tuple[int, int]:
@@ -46,6 +48,27 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def from_rank0(value: Any) -> Any:
+    """Rank 0's `value` on every process (e.g. a checkpoint that only rank 0's machine holds)."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def check_same_on_every_rank(value: str, what: str, fix: str) -> None:
+    """Raise UserError on every process (so all of them stop) unless every rank holds the same `value`."""
+    import torch.distributed as dist
+
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    odd = [rank for rank, v in enumerate(values) if v != values[0]]
+    if odd:
+        raise UserError(f"{what} differs between the processes: rank 0 has {values[0]}, rank {odd[0]} has "
+                        f"{values[odd[0]]}; {fix}")
 
 
 def process_device(device_name: str, world_size: int) -> torch.device:

@@ -36,7 +36,7 @@ from src.training.checkpoint import (
     write_checkpoint,
 )
 from src.training.clock import Clock, StopRequest, done_fraction, lr_scale
-from src.training.distributed import process_device, rank_and_world, stream_seed
+from src.training.distributed import from_rank0, process_device, rank_and_world, stream_seed
 from src.training.loss import LOSS_KEYS
 from src.training.trainer import GANTrainer
 from src.training.window import LossWindow
@@ -146,7 +146,9 @@ def train_gan(
     run = _Run(params, trainer, rank=rank, world=world, ckpt_path=checkpoint_path(checkpoint_dir),
                settings=settings, fid_fn=fid_fn, log_fn=log_fn, image_fn=image_fn,
                meta=checkpoint_meta or {})
-    run.resume(read_checkpoint(checkpoint_dir, settings, params.train.iterations))
+    # Only rank 0's machine is sure to hold the checkpoint (other nodes may be other machines).
+    ckpt = read_checkpoint(checkpoint_dir, settings, params.train.iterations) if rank == 0 else None
+    run.resume(from_rank0(ckpt) if world > 1 else ckpt)
     stopped_by = run.train(progress)
     if stopped_by == "signal":
         raise run.interrupted()
