@@ -33,8 +33,9 @@ from src import fid, inception
 from src.atomic import replacing, write_json_atomic
 from src.data import Snapshot, load_snapshot
 from src.device import resolve_device
-from src.errors import UserError, run_cli
+from src.errors import UserError, run_cli, stage_parser
 from src.generator import generate_images, load_generator, pick_generator, requested_labels
+from src.lock import project_lock
 from src.params import Params, load_params
 from src.profile import apply_profile
 from src.quality_metrics import SmallSampleWarning, set_metrics
@@ -350,15 +351,17 @@ def run_evaluation(params: Params, *, snapshot_dir: Path = SNAPSHOT_DIR, models_
     return metrics
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    stage_parser("python -m src.evaluate", __doc__).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # The profile's values, not `effective`: the article recipe's palette_size 0 would hide params.yaml's
     # palette, with which its screens are also scored (fid_palette), like for like with the default's.
     params = apply_profile(load_params())
     watch = Stopwatch()
-    metrics = run_evaluation(params, watch=watch)
-    with watch.section("mlflow"):
-        run_id = log_to_mlflow(metrics, GRID_FILE, MODELS_DIR / RUN_FILE)
+    with project_lock():
+        metrics = run_evaluation(params, watch=watch)
+        with watch.section("mlflow"):
+            run_id = log_to_mlflow(metrics, GRID_FILE, MODELS_DIR / RUN_FILE)
     raw = f"  raw FID {metrics['fid_raw']:.2f}" if "fid_raw" in metrics else ""
     palette = f"  palette FID {metrics['fid_palette']:.2f}" if "fid_palette" in metrics else ""
     agree = f", label agreement {metrics['label_agreement']:.3f}" if "label_agreement" in metrics else ""

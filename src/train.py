@@ -13,7 +13,9 @@ import sys
 from typing import Any
 
 from src.data import check_collect_params, load_snapshot
-from src.errors import run_cli
+from src.errors import run_cli, stage_parser
+from src.lock import project_lock
+from src.params import Params
 from src.profile import load_run_params
 from src.paths import CHECKPOINT_DIR, MODELS_DIR, SNAPSHOT_DIR, TRAIN_METRICS_FILE, TRAIN_PLOTS_DIR
 from src.timing import Stopwatch
@@ -26,9 +28,16 @@ from src.training.outputs import write_outputs
 log = logging.getLogger(__name__)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    stage_parser("python -m src.train", __doc__).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = load_run_params()
+    with project_lock():  # rank 0 only (torchrun's RANK)
+        train_stage(params)
+
+
+def train_stage(params: Params) -> None:
+    """The stage for checked params: train (resuming a matching checkpoint), write the outputs, track."""
     rank, world = init_distributed(params.train.device)
     tracker: TrainingRun | None = None
     watch = Stopwatch()
