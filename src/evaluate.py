@@ -307,6 +307,9 @@ def recorded_snapshot(run_file: Path) -> str | None:
 
 def holdout_subset(snapshot: Snapshot, count: int | None) -> Snapshot:
     """`snapshot` with its holdout cut to a fixed random subset of `count` frames (None or more: all)."""
+    if count is not None and count > len(snapshot.holdout_images):
+        warnings.warn(f"evaluate.holdout_samples = {count} is more than the snapshot's "
+                      f"{len(snapshot.holdout_images)} holdout frames; all of them are scored", stacklevel=2)
     index = fid.real_selection(len(snapshot.holdout_images), count)
     if index is None:
         return snapshot

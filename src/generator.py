@@ -7,6 +7,7 @@ size: the noise is drawn on the CPU, once, from the seed.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from pathlib import Path
@@ -18,6 +19,7 @@ from torch import nn
 from src.atomic import ForeignOutputError, replacing, replacing_dir
 from src.data import to_uint8
 from src.errors import UserError
+from src.memory import check_fits
 from src.models import Generator, mix_labels
 from src.params import IMAGE_SHAPE
 from src.paths import MODELS_DIR
@@ -91,6 +93,9 @@ def generate_images(
     A class-conditional generator draws the training mix of games (`mix_labels`), or only the game
     with index `game`.
     """
+    image_bytes = math.prod(IMAGE_SHAPE) + 4 * latent_dim  # the uint8 image and its float32 noise vector
+    check_fits(n * image_bytes, f"{n:,} images of {image_bytes:,} B",
+               "draw fewer (src.sample --n; evaluate.num_samples, train.fid_samples or tune.fid_samples)")
     noise = torch.randn(n, latent_dim, 1, 1, generator=torch.Generator().manual_seed(seed))
     if getattr(generator, "num_classes", 0):
         labels = requested_labels(generator, n, game)

@@ -45,7 +45,7 @@ def train_stage(params: Params) -> None:
         device = process_device(params.train.device, world)
         with watch.section("data"):
             snapshot = load_snapshot(SNAPSHOT_DIR, verify=rank == 0)
-            check_snapshot(snapshot)
+            check_snapshot(snapshot, params.train.batch_size)
             check_collect_params(params, snapshot)
         fid_fn = None
         meta: dict[str, Any] = {}

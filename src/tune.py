@@ -298,8 +298,10 @@ def tune(params: Params, *, n_trials: int, timeout: float | None, study_name: st
     from src.data import load_snapshot
     from src.device import resolve_device
     from src.fid import make_fid_fn
+    from src.training.loop import check_snapshot
 
     snapshot = load_snapshot()
+    check_snapshot(snapshot, params.train.batch_size)
     check_config(params, storage)
     # One FID function for every trial: the Inception model and the real statistics load once.
     fid_of = make_fid_fn(snapshot, trial_params(params, {}), resolve_device(params.train.device))
