@@ -2,7 +2,8 @@
 
 Every problem a user can fix (bad params, missing snapshot, missing weights...) is raised as a
 `UserError` subclass whose message names the problem and the fix. Stage `main()`s run through
-`run_cli`, so such errors print one readable message instead of a traceback.
+`run_cli`, so such errors print one readable message instead of a traceback; so does an OSError
+that escapes (the OS refused a path), naming the path and the cause.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ def run_cli(main: Callable[[], object]) -> None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
+    except OSError as exc:  # the OS refused a path no check foresaw (an odd name, a full disk, no permission)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc} (the operating system refused it); fix the path, its "
+              "permissions or the free space, then run again", file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None

@@ -34,7 +34,7 @@ from src.atomic import replacing, write_json_atomic
 from src.data import Snapshot, load_snapshot
 from src.device import resolve_device
 from src.errors import UserError, run_cli, stage_parser
-from src.generator import generate_images, load_generator, pick_generator, requested_labels
+from src.generator import check_can_draw, generate_images, load_generator, pick_generator, requested_labels
 from src.lock import project_lock
 from src.params import Params, load_params
 from src.profile import apply_profile
@@ -328,6 +328,7 @@ def run_evaluation(params: Params, *, snapshot_dir: Path = SNAPSHOT_DIR, models_
     with watch.section("data"):
         snapshot = holdout_subset(load_snapshot(snapshot_dir), ev.holdout_samples)
     check_sample_counts(ev.num_samples, snapshot)
+    check_can_draw(ev.num_samples)  # before the Inception weights load
     generator_path = pick_generator(models_dir)
     weights = inception.resolve_inception_weights(ev.inception_weights)
     extractor = inception.InceptionFeatures(weights, device=device, batch_size=ev.batch_size, progress=progress)

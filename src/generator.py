@@ -77,6 +77,13 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
     return generator, meta
 
 
+def check_can_draw(n: int, latent_dim: int = 0) -> None:
+    """Refuse, before allocating, `n` images (uint8) and their noise vectors that this machine cannot hold."""
+    image_bytes = math.prod(IMAGE_SHAPE) + 4 * latent_dim
+    check_fits(n * image_bytes, f"{n:,} images of {image_bytes:,} B",
+               "draw fewer (src.sample --n; evaluate.num_samples, train.fid_samples or tune.fid_samples)")
+
+
 @torch.no_grad()
 def generate_images(
     generator: nn.Module,
@@ -93,9 +100,7 @@ def generate_images(
     A class-conditional generator draws the training mix of games (`mix_labels`), or only the game
     with index `game`.
     """
-    image_bytes = math.prod(IMAGE_SHAPE) + 4 * latent_dim  # the uint8 image and its float32 noise vector
-    check_fits(n * image_bytes, f"{n:,} images of {image_bytes:,} B",
-               "draw fewer (src.sample --n; evaluate.num_samples, train.fid_samples or tune.fid_samples)")
+    check_can_draw(n, latent_dim)
     noise = torch.randn(n, latent_dim, 1, 1, generator=torch.Generator().manual_seed(seed))
     if getattr(generator, "num_classes", 0):
         labels = requested_labels(generator, n, game)

@@ -2,8 +2,9 @@
 
 Every stage that writes project outputs (collect, train, evaluate, sample into the project, tune)
 holds it while it works. `fcntl.flock` is released by the kernel when the holder's process ends,
-however it ends (SIGKILL too), so a stale lock never needs deleting. The holder writes its PID and
-command into the file, and a second command refuses at once, naming them.
+however it ends (SIGKILL too), so a stale lock never needs deleting. A second command refuses at
+once, naming the holders' PIDs and commands (from the kernel's /proc/locks; each holder also writes
+its own into the file, read where there is no /proc).
 
 The folder is the working directory, not `src.paths.repo_root()`: `dvc exp run --queue` runs each
 experiment in its own copy under `.dvc/tmp/exps/`, and those must keep running side by side.
@@ -31,8 +32,8 @@ class ProjectLocked(UserError):
 
 def holder_line() -> str:
     """This process as the lock file names it: `PID 123: python -m src.train`."""
-    command = " ".join(sys.orig_argv) if hasattr(sys, "orig_argv") else " ".join(sys.argv)
-    return f"PID {os.getpid()}: {command}"
+    command = " ".join(" ".join(getattr(sys, "orig_argv", sys.argv)).split())  # one line, however it was started
+    return f"PID {os.getpid()}: {command[:300]}"
 
 
 def _open(path: Path) -> int:
@@ -43,6 +44,28 @@ def _open(path: Path) -> int:
         with contextlib.suppress(OSError):
             return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         raise
+
+
+def _holders(fd: int) -> list[str]:
+    """`PID n: command` of each process holding the lock on open file `fd`, from the kernel's /proc/locks
+    (exact even when several tune workers share it); [] where there is no /proc."""
+    stat = os.fstat(fd)
+    key = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    holders = []
+    for fields in (line.split() for line in lines):
+        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; a waiter's line has "->" after the number
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == key and fields[4].isdigit():
+            try:
+                argv = Path(f"/proc/{fields[4]}/cmdline").read_bytes().split(b"\0")
+                command = " ".join(" ".join(a.decode(errors="replace") for a in argv).split())
+            except OSError:
+                command = "?"
+            holders.append(f"PID {fields[4]}: {command[:300]}")
+    return holders
 
 
 @contextlib.contextmanager
@@ -65,7 +88,7 @@ def project_lock(folder: Path | None = None, *, shared: bool = False) -> Iterato
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process that did not say which"
+            holder = "; ".join(_holders(fd)) or " ".join(os.pread(fd, 4096, 0).decode(errors="replace").split())
             raise ProjectLocked(f"another command is writing in this project ({holder}; lock {path}); wait "
                                 "for it to end, or stop it, then run again") from None
         with contextlib.suppress(OSError):  # a read-only lock file still locks; it just names no one
