@@ -47,8 +47,10 @@ class OutputWriteError(UserError, OSError):
 
     def __init__(self, path: Path, cause: OSError) -> None:
         OSError.__init__(self, cause.errno, cause.strerror, cause.filename)
-        self.message = (f"could not write {path} ({cause.strerror or cause}); nothing there was changed: "
-                        "free disk space, fix its permissions, or choose another path")
+        blocker = next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file, not a folder" if blocker else (cause.strerror or str(cause))
+        self.message = (f"could not write {path} ({reason}); nothing there was changed: free disk space, fix "
+                        "its permissions, or choose another path")
 
     def __str__(self) -> str:
         return self.message

