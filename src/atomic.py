@@ -45,12 +45,12 @@ class OutputWriteError(UserError, OSError):
     """The OS refused a write (read-only, disk full, an odd path): one line naming the path and the cause.
     Still an OSError, so callers that handle those keep working."""
 
-    def __init__(self, path: Path, cause: OSError) -> None:
+    def __init__(self, path: Path, cause: OSError, what: str = "") -> None:
         OSError.__init__(self, cause.errno, cause.strerror, cause.filename)
         blocker = next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
         reason = f"{blocker} is a file, not a folder" if blocker else (cause.strerror or str(cause))
-        self.message = (f"could not write {path} ({reason}); nothing there was changed: free disk space, fix "
-                        "its permissions, or choose another path")
+        self.message = (f"could not write {what}{path} ({reason}); nothing there was changed: free disk space, "
+                        "fix its permissions, or choose another path")
 
     def __str__(self) -> str:
         return self.message
@@ -83,6 +83,24 @@ def check_replaceable(out: Path, marker: str, what: str = "") -> None:
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise ForeignOutputError(f"{where} already holds files this command did not write ({shown}); they are "
                                  "left alone: choose a new or empty folder")
+
+
+def check_can_create(*paths: Path, what: str = "", folders: bool = False) -> None:
+    """Refuse, before any work, paths that cannot be written: under a file, a file where `folders` are
+    written, or in a folder this process may not write in (OutputWriteError naming the path and the
+    cause). Creates nothing."""
+    for path in map(Path, paths):
+        if folders and path.exists() and not path.is_dir():
+            raise OutputWriteError(path, NotADirectoryError(20, f"{path} is a file, not a folder"), what)
+        if path.exists() and not os.access(path, os.W_OK):
+            raise OutputWriteError(path, PermissionError(13, "permission denied"), what)
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise OutputWriteError(path, NotADirectoryError(20, f"{parent} is a file, not a folder"), what)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputWriteError(path, PermissionError(13, f"cannot write in {parent}: permission denied"), what)
 
 
 def _fsync_path(path: Path) -> None:

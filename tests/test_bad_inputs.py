@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tests.conftest import cli_env, edit_params
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -99,8 +100,8 @@ HOLDERS: list[subprocess.Popen] = []  # lock holders a row started; killed after
 
 def lock_held(shared: bool = False) -> Callable[[Path], None]:
     """Another process holds the project's lock (like a training or a tune worker would) during the row."""
-    code = ("import sys, time\nfrom src.lock import project_lock\nwith project_lock(shared=%r):\n"
-            "    print('held', flush=True)\n    time.sleep(300)\n" % shared)
+    code = ("import sys, time\nfrom src.lock import project_lock\n"
+            f"with project_lock(shared={shared!r}):\n    print('held', flush=True)\n    time.sleep(300)\n")
 
     def start(project: Path) -> None:
         holder = subprocess.Popen([sys.executable, "-c", code], cwd=project, env=cli_env(project),
@@ -120,10 +121,10 @@ def _stop_holders():
 
 
 class Limited:
-    """Run the row under `prlimit` (e.g. a file size limit: the OS refuses bigger writes, like a full disk)."""
+    """Run the row under resource limits (e.g. `FSIZE`: the OS refuses bigger files, like a full disk)."""
 
-    def __init__(self, *limits: str) -> None:
-        self.prefix = ["prlimit", *limits]
+    def __init__(self, **limits: int) -> None:
+        self.limits = limits
 
     def __call__(self, project: Path) -> None:
         trained_outputs(project)
@@ -280,13 +281,15 @@ ROWS = [
     ("tune-batch-above-frames", "tune", [], {"train.batch_size": 1000}, None,
      "train.batch_size = 1000 is more than the snapshot's 32 training frames"),
     # writes the OS refuses: one line naming the path and the cause
-    ("sample-grid-file-too-large", "sample", ["--out", "g.png", "--grid"], {}, Limited("--fsize=1000"),
+    ("sample-grid-file-too-large", "sample", ["--out", "g.png", "--grid"], {}, Limited(FSIZE=1000),
      "could not write g.png (File too large)"),
     ("sample-out-in-proc", "sample", ["--out", "/proc/atari-gan-samples"], {}, trained_outputs,
      "could not write /proc/atari-gan-samples"),
     ("sample-out-name-too-long", "sample", ["--out", LONG_NAME], {}, trained_outputs, "File name too long"),
     ("train-checkpoints-a-file", "train", [], {}, a_file_named("checkpoints"),
-     "could not write checkpoints/train/checkpoint.pt (checkpoints is a file, not a folder)"),
+     "could not write checkpoints/train (checkpoints is a file, not a folder)"),
+    ("train-models-a-file", "train", [], {}, a_file_named("models"),
+     "could not write models (models is a file, not a folder)"),
     # Rows that need a project that has collected and trained (snapshot settings changed since, iterations
     # below a finished checkpoint, a checkpoint that would run code) are the REFUSALS table of
     # tests/test_training_refusals.py, which builds that project once for all of them.
@@ -317,11 +320,8 @@ def test_bad_input_gives_one_clear_error_and_loses_nothing(tiny_project, forked_
         setup(tiny_project)
     before = digests(tiny_project)
 
-    if isinstance(setup, Limited):
-        done = subprocess.run([*setup.prefix, sys.executable, "-m", f"src.{stage}", *args], cwd=cwd,
-                              env=cli_env(cwd), capture_output=True, text=True, timeout=120)
-    else:
-        done = forked_cli.run(f"src.{stage}", *args, cwd=cwd, env=cli_env(cwd), timeout=120)
+    limits = setup.limits if isinstance(setup, Limited) else None
+    done = forked_cli.run(f"src.{stage}", *args, cwd=cwd, env=cli_env(cwd), timeout=120, limits=limits)
 
     assert done.returncode == 2, f"{name}: exit {done.returncode}\n{done.stdout}\n{done.stderr}"
     assert "Traceback" not in done.stderr + done.stdout, done.stderr

@@ -68,7 +68,7 @@ def test_ctrl_c_during_tune_exits_130_keeps_finished_trials_and_says_how_to_cont
             raise AssertionError(f"trial 0 never completed: {tune.stderr.read()}")
         time.sleep(2)  # into trial 1's training
         tune.send_signal(signal.SIGINT)
-        out, err = tune.communicate(timeout=120)
+        _, err = tune.communicate(timeout=120)
     finally:
         tune.kill()
     assert tune.returncode == 130, err
