@@ -36,7 +36,8 @@ import numpy as np
 
 # Spawned workers import this module: torch (pulled in by src.data) and pydantic (src.params)
 # stay out of the module level, or every worker would pay for importing them.
-from src.errors import run_cli
+from src.errors import run_cli, stage_parser
+from src.lock import project_lock
 from src.paths import SNAPSHOT_DIR, SPLITS
 from src.rollout import (
     SIZE,
@@ -394,12 +395,14 @@ def summary(manifest: dict[str, Any], path: Path) -> str:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from src.data import load_snapshot
     from src.params import load_params
 
+    stage_parser("python -m src.collect", __doc__).parse_args(argv)
     params = load_params()
-    path = collect_snapshot(params, SNAPSHOT_DIR)
+    with project_lock():
+        path = collect_snapshot(params, SNAPSHOT_DIR)
     print(summary(load_snapshot(path, verify=False).manifest, path))
 
 

@@ -33,8 +33,9 @@ from src import fid, inception
 from src.atomic import replacing, write_json_atomic
 from src.data import Snapshot, load_snapshot
 from src.device import resolve_device
-from src.errors import UserError, run_cli
-from src.generator import generate_images, load_generator, pick_generator, requested_labels
+from src.errors import UserError, run_cli, stage_parser
+from src.generator import check_can_draw, generate_images, load_generator, pick_generator, requested_labels
+from src.lock import project_lock
 from src.params import Params, load_params
 from src.profile import apply_profile
 from src.quality_metrics import SmallSampleWarning, set_metrics
@@ -307,6 +308,9 @@ def recorded_snapshot(run_file: Path) -> str | None:
 
 def holdout_subset(snapshot: Snapshot, count: int | None) -> Snapshot:
     """`snapshot` with its holdout cut to a fixed random subset of `count` frames (None or more: all)."""
+    if count is not None and count > len(snapshot.holdout_images):
+        warnings.warn(f"evaluate.holdout_samples = {count} is more than the snapshot's "
+                      f"{len(snapshot.holdout_images)} holdout frames; all of them are scored", stacklevel=2)
     index = fid.real_selection(len(snapshot.holdout_images), count)
     if index is None:
         return snapshot
@@ -325,6 +329,7 @@ def run_evaluation(params: Params, *, snapshot_dir: Path = SNAPSHOT_DIR, models_
     with watch.section("data"):
         snapshot = holdout_subset(load_snapshot(snapshot_dir), ev.holdout_samples)
     check_sample_counts(ev.num_samples, snapshot)
+    check_can_draw(ev.num_samples)  # before the Inception weights load
     generator_path = pick_generator(models_dir)
     weights = inception.resolve_inception_weights(ev.inception_weights)
     extractor = inception.InceptionFeatures(weights, device=device, batch_size=ev.batch_size, progress=progress)
@@ -351,17 +356,19 @@ def run_evaluation(params: Params, *, snapshot_dir: Path = SNAPSHOT_DIR, models_
     return metrics
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    stage_parser("python -m src.evaluate", __doc__).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # The profile's values, not `effective`: the article recipe's palette_size 0 would hide params.yaml's
     # palette, with which its screens are also scored (fid_palette), like for like with the default's.
     params = apply_profile(load_params())
     watch = Stopwatch()
-    check_store()  # before any work: a store that cannot be used costs nothing
-    metrics = run_evaluation(params, watch=watch)
-    with watch.section("mlflow"):
-        run_id = logged_after_work(log_to_mlflow, metrics, GRID_FILE, MODELS_DIR / RUN_FILE,
-                                   what="logging the evaluation", relog="run `python -m src.evaluate` again")
+    with project_lock():
+        check_store()  # before any work: a store that cannot be used costs nothing
+        metrics = run_evaluation(params, watch=watch)
+        with watch.section("mlflow"):
+            run_id = logged_after_work(log_to_mlflow, metrics, GRID_FILE, MODELS_DIR / RUN_FILE,
+                                       what="logging the evaluation", relog="run `python -m src.evaluate` again")
     raw = f"  raw FID {metrics['fid_raw']:.2f}" if "fid_raw" in metrics else ""
     palette = f"  palette FID {metrics['fid_palette']:.2f}" if "fid_palette" in metrics else ""
     agree = f", label agreement {metrics['label_agreement']:.3f}" if "label_agreement" in metrics else ""

@@ -195,6 +195,9 @@ def make_fid_fn(snapshot: Snapshot, params: Params, device: str | torch.device,
     stream of `seed`, independent of the noise `evaluate` scores with), so values at different
     steps differ by the generator only; it restores the generator's mode.
     """
+    from src.generator import check_can_draw
+
+    check_can_draw(params.train.fid_samples, params.model.latent_dim)  # before the reference's minutes of work
     weights = resolve_inception_weights(params.evaluate.inception_weights)
     extractor = InceptionFeatures(weights, device=device, batch_size=params.evaluate.batch_size)
     reference = real_features(extractor, snapshot, "train", count=params.evaluate.num_samples, cache_dir=cache_dir)

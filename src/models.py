@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from src.memory import check_fits
 from src.params import IMAGE_SHAPE, Params
 
 ACTIVATIONS = ("relu", "leaky_relu")
@@ -365,12 +366,28 @@ def model_kwargs(params: Params) -> dict[str, dict]:
     }
 
 
+TRAINING_COPIES = 5  # float32 copies of each weight in training: itself, its gradient, Adam's two moments, the EMA
+
+
+def check_models_fit(params: Params) -> None:
+    """Refuse networks (EFFECTIVE params) whose training state this machine cannot hold, before building them."""
+    kwargs = model_kwargs(params)
+    with torch.device("meta"):  # sizes only: nothing is allocated, no random number drawn
+        weights = sum(p.numel() for kind, cls in (("generator", Generator), ("discriminator", Discriminator))
+                      for p in cls(**kwargs[kind]).parameters())
+    m = params.model
+    check_fits(weights * 4 * TRAINING_COPIES, f"the networks' {weights:,} weights, with gradients and optimiser state,",
+               f"lower model.gen_filters ({m.gen_filters}), model.disc_filters ({m.disc_filters}) or model.latent_dim "
+               f"({m.latent_dim})")
+
+
 def build_models(params: Params) -> tuple[Generator, Discriminator]:
     """Both networks from EFFECTIVE params (`src.params.effective`), in the global torch RNG.
 
     D is built first, as in the article's script, so a seeded build draws the same initial weights.
     """
     kwargs = model_kwargs(params)
+    check_models_fit(params)
     discriminator = Discriminator(**kwargs["discriminator"])
     generator = Generator(**kwargs["generator"])
     return generator, discriminator

@@ -20,6 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from src.atomic import replacing
 from src.errors import UserError
+from src.strict_yaml import strict_load
 from src.validation_messages import describe_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def parse_policy(policy: str) -> tuple[str, ...]:
 
 
 class ParamsError(UserError):
-    pass
+    """A params.yaml that cannot run: the message names the key, its value and what is allowed."""
 
 
 class _Section(BaseModel):
@@ -72,7 +73,7 @@ def check_device(device: str) -> str:
     return device
 
 
-DeviceName = Annotated[str, AfterValidator(check_device)]
+DeviceName = Annotated[str, AfterValidator(check_device)]  # `auto | cpu | cuda | cuda:N`
 
 
 class CollectParams(_Section):
@@ -116,7 +117,6 @@ class ModelParams(_Section):
     palette_size: int = Field(
         16, ge=0, le=256, description="drawn screens take the training frames' N commonest colours; 0 = off"
     )
-
     palette_head: Literal["none", "soft", "hard"] = Field(
         "none", description="G paints each pixel from the palette: soft = softmax mix of its colours, hard = the "
                             "likeliest colour (straight-through gradients); needs palette_size >= 2"
@@ -339,7 +339,7 @@ def load_params(path: str | os.PathLike | None = None) -> Params:
     given = path is not None
     path = Path(path) if given else params_path()
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = strict_load(path.read_text())  # a key given twice is an error, not the last one winning
     except FileNotFoundError:
         if not given:
             raise ParamsError(

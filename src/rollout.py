@@ -16,7 +16,10 @@ import math
 import multiprocessing
 import os
 import platform
+import select
 import tempfile
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -146,7 +149,33 @@ def run_shard(task: ShardTask) -> ShardResult:
     return ShardResult(task=task, kept=kept, frames=frames, hashes=hashes, dark=task.steps - kept)
 
 
-def _worker_init() -> None:
+def die_with(pid: int) -> None:
+    """End this process at once when process `pid` ends, however it ends (SIGKILL too).
+
+    A killed collect runs no clean-up. Its workers are children of the forkserver, not of collect,
+    and both hold each other's pipes open, so without this they would wait for minutes, holding the
+    frame file open. A thread waits on a pidfd of collect (Linux >= 5.3), else polls it.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):
+        fd = None
+
+    def watch() -> None:
+        if fd is not None:
+            select.select([fd], [], [])
+        else:
+            while pid_alive(pid):
+                time.sleep(0.5)
+        os._exit(1)  # its parent is gone: no one reads its results, nothing of it is worth keeping
+
+    threading.Thread(target=watch, name=f"die-with-{pid}", daemon=True).start()
+
+
+def _worker_init(collect_pid: int) -> None:
+    die_with(collect_pid)
     cv2.setNumThreads(1)  # one process per core already; OpenCV threads would only contend
 
 
@@ -167,7 +196,7 @@ def worker_pool(workers: int) -> ProcessPoolExecutor:
         forkserver.ensure_running()
     else:
         context = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init)
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(os.getpid(),))
 
 
 def frame_digests(images: np.ndarray, rows: np.ndarray) -> dict[bytes, int]:

@@ -6,22 +6,37 @@
 `--model` defaults to the generator `evaluate` scores (best step, else EMA, else last), and the
 command says which file it drew from.
 The same seed gives the same images on any device and at any batch size.
+
+Nothing it did not write is replaced: an existing --out folder must be empty or one this command
+wrote (it holds the `.atari-gan-samples` marker), an existing grid must be a grid it drew (its PNG
+says so); models/, checkpoints/, data/snapshot/ or the project folder itself are refused.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 from pathlib import Path
 
+from src.atomic import check_can_create, check_replaceable
 from src.device import resolve_device
-from src.errors import UserError, run_cli
-from src.generator import game_index, generate_images, load_generator, pick_generator, write_folder, write_grid
+from src.errors import UserError, run_cli, stage_parser
+from src.generator import (
+    SAMPLES_MARKER,
+    check_grid_out,
+    game_index,
+    generate_images,
+    load_generator,
+    pick_generator,
+    write_folder,
+    write_grid,
+)
+from src.lock import project_lock
 from src.params import check_device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m src.sample", description=__doc__.splitlines()[0])
+    parser = stage_parser("python -m src.sample", __doc__)
     parser.add_argument("--n", type=int, default=64, help="number of images (default 64)")
     parser.add_argument("--out", type=Path, required=True, help="a .png file with --grid, else a folder")
     parser.add_argument("--grid", action="store_true", help="write one grid image instead of a folder")
@@ -35,18 +50,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def check_out(out: Path) -> None:
-    """Refuse an --out that cannot be written before any work: under a file, or in a read-only place."""
+def check_out(out: Path, grid: bool) -> None:
+    """Refuse an --out before any work: one that holds what this command did not write (a grid it did not
+    draw; a folder without its marker: models/, checkpoints/, data/snapshot/, the project itself), or
+    that cannot be written (under a file, in a read-only place)."""
     out = Path(out)
-    if out.exists() and not os.access(out, os.W_OK):
-        raise UserError(f"--out {out}: not writable (permission denied); choose another --out")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: cannot write in {parent} (permission denied); choose another --out")
+    if grid:
+        check_grid_out(out, what="--out ")
+    else:
+        check_replaceable(out, SAMPLES_MARKER, what="--out ")
+    check_can_create(out, what="--out ")
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -59,17 +72,17 @@ def main(argv: list[str] | None = None) -> Path:
         check_device(args.device)
     except ValueError as exc:
         raise UserError(f"--device: {exc}") from None
-    check_out(args.out)
-    device = resolve_device(args.device, key="--device")
-    model = args.model or pick_generator()
-    generator, meta = load_generator(model, device)
-    game = None if args.game is None else game_index(meta, args.game)
-    images = generate_images(generator, args.n, latent_dim=meta["latent_dim"], seed=args.seed, device=device,
-                             batch_size=args.batch_size, game=game)
-    try:
+    check_out(args.out, args.grid)
+    inside = Path.cwd().resolve() in Path(args.out).resolve().parents
+    with project_lock() if inside else contextlib.nullcontext():  # into this project: one writer at a time
+        device = resolve_device(args.device, key="--device")
+        model = args.model or pick_generator()
+        generator, meta = load_generator(model, device)
+        game = None if args.game is None else game_index(meta, args.game)
+        images = generate_images(generator, args.n, latent_dim=meta["latent_dim"], seed=args.seed, device=device,
+                                 batch_size=args.batch_size, game=game)
+        # The OS may still refuse the write (read-only, disk full): atomic's OutputWriteError says so.
         out = write_grid(images, args.out, args.nrow) if args.grid else write_folder(images, args.out)
-    except OSError as exc:  # e.g. a read-only file system, a full disk
-        raise UserError(f"--out {args.out}: could not write ({exc.strerror or exc}); choose another --out") from None
     print(f"wrote {args.n} images from {model} to {out}")
     return out
 

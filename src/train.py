@@ -12,8 +12,12 @@ import logging
 import sys
 from typing import Any
 
+from src.atomic import check_can_create
 from src.data import check_collect_params, load_snapshot
-from src.errors import run_cli
+from src.errors import run_cli, stage_parser
+from src.lock import project_lock
+from src.models import check_models_fit
+from src.params import Params
 from src.profile import load_run_params
 from src.paths import CHECKPOINT_DIR, MODELS_DIR, SNAPSHOT_DIR, TRAIN_METRICS_FILE, TRAIN_PLOTS_DIR
 from src.timing import Stopwatch
@@ -26,9 +30,16 @@ from src.training.outputs import write_outputs
 log = logging.getLogger(__name__)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    stage_parser("python -m src.train", __doc__).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = load_run_params()
+    with project_lock():  # rank 0 only (torchrun's RANK)
+        train_stage(params)
+
+
+def train_stage(params: Params) -> None:
+    """The stage for checked params: train (resuming a matching checkpoint), write the outputs, track."""
     rank, world = init_distributed(params.train.device)
     tracker: TrainingRun | None = None
     watch = Stopwatch()
@@ -36,11 +47,13 @@ def main() -> None:
         device = process_device(params.train.device, world)
         with watch.section("data"):
             snapshot = load_snapshot(SNAPSHOT_DIR, verify=rank == 0)
-            check_snapshot(snapshot)
+            check_snapshot(snapshot, params.train.batch_size)
             check_collect_params(params, snapshot)
         if world > 1:  # nodes on other machines each read their own copy
             check_same_on_every_rank(snapshot.sha256, f"the snapshot in {SNAPSHOT_DIR}",
                                      "give every node the same one (`dvc pull` on each, docs/team.md)")
+        check_models_fit(params)
+        check_can_create(CHECKPOINT_DIR, MODELS_DIR, TRAIN_METRICS_FILE.parent, TRAIN_PLOTS_DIR, folders=True)
         fid_fn = None
         meta: dict[str, Any] = {}
         if rank == 0:

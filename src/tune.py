@@ -21,7 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from src.errors import UserError, run_cli
+from src.errors import UserError, run_cli, stage_parser
+from src.lock import project_lock
 from src.params import TUNED_KEYS, Params, effective, flatten, load_params, params_path, set_params
 from src.profile import apply_profile
 from src.study import (
@@ -35,6 +36,19 @@ from src.study import (
 )
 
 BEST_FILE = Path("tune/best_params.json")
+
+
+class TuneInterrupted(UserError):
+    """Ctrl-C (SIGINT) during a study: exit 130, saying how to continue it."""
+
+    exit_code = 130
+
+    def __init__(self, study_name: str, storage: str, complete: int) -> None:
+        kept = f"its {complete} completed trials are kept" + (f" (best in {BEST_FILE})" if complete else "")
+        super().__init__(
+            f"tuning interrupted; study {study_name!r} in {storage.split('@')[-1]}: {kept}. Continue it with "
+            f"`python -m src.tune` and the same storage and study name (--storage, --study-name, or params.yaml's)"
+        )
 
 
 def suggest(trial, space) -> dict[str, float]:
@@ -127,7 +141,7 @@ def run_trial(trial, params: Params, snapshot, fid_of: Callable, show: Callable 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m src.tune", description=__doc__.split("\n\n")[0])
+    parser = stage_parser("python -m src.tune", __doc__)
     parser.add_argument("--n-trials", type=int, help="trials to run now (default tune.n_trials; none with --apply alone)")
     parser.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     parser.add_argument("--study-name", help="default tune.study_name")
@@ -236,6 +250,8 @@ def optimize(study, params: Params, snapshot, fid_of: Callable, *, n_trials: int
     """Run trials; a failed baseline is put back in the queue, a configuration error stops everything."""
     import optuna
 
+    from src.training import TrainingInterrupted
+
     stop: list[UserError] = []
     per_trial = trial_failure_types()
     bar = Progress(n_trials, params.tune.iterations)
@@ -250,6 +266,8 @@ def optimize(study, params: Params, snapshot, fid_of: Callable, *, n_trials: int
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
             if trial.user_attrs.get(BASELINE_ATTR):
                 enqueue_baseline(trial.study, params)  # run it again until it completes
+            if isinstance(exc, TrainingInterrupted):  # the trial's training caught the signal (Ctrl-C)
+                raise KeyboardInterrupt from None  # optuna records the trial as failed and stops
             if isinstance(exc, UserError) and not isinstance(exc, per_trial):
                 stop.append(exc)
                 trial.study.stop()
@@ -281,9 +299,11 @@ def tune(params: Params, *, n_trials: int, timeout: float | None, study_name: st
     from src.data import load_snapshot
     from src.device import resolve_device
     from src.fid import make_fid_fn
+    from src.training.loop import check_snapshot
 
     snapshot = load_snapshot()
     tracking.check_store()  # before any work (and the study storage): a store that cannot be used costs nothing
+    check_snapshot(snapshot, params.train.batch_size)
     check_config(params, storage)
     # One FID function for every trial: the Inception model and the real statistics load once.
     fid_of = make_fid_fn(snapshot, trial_params(params, {}), resolve_device(params.train.device))
@@ -293,10 +313,15 @@ def tune(params: Params, *, n_trials: int, timeout: float | None, study_name: st
         print(f"continuing study {study_name!r} ({before} trials so far)", flush=True)
 
     tracking.setup()
+    interrupted = False
     with mlflow.start_run(run_name=f"tune-{study_name}", tags={**tracking.run_tags(), "optuna.study": study_name}):
         mlflow.log_params({"tune.n_trials": n_trials, "tune.iterations": params.tune.iterations,
                            "tune.pruner": params.tune.pruner, "tune.storage": storage.split("@")[-1]})
-        optimize(study, params, snapshot, fid_of, n_trials=n_trials, timeout=timeout)
+        try:
+            optimize(study, params, snapshot, fid_of, n_trials=n_trials, timeout=timeout)
+        except KeyboardInterrupt:  # Ctrl-C: keep what the finished trials found, then say how to go on
+            interrupted = True
+            mlflow.set_tag("state", "interrupted")
         print(summary_table(study))
         complete = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
         mlflow.log_metric("trials_run", len(study.trials) - before)
@@ -307,7 +332,10 @@ def tune(params: Params, *, n_trials: int, timeout: float | None, study_name: st
             write_json_atomic(BEST_FILE, {"study": study_name, "trial": best.number, "fid": best.value,
                                           "params": {f"train.{k}": v for k, v in best.params.items()}})
             print(f"best parameters written to {BEST_FILE}")
-        log_plots(study)
+        if not interrupted:
+            log_plots(study)
+    if interrupted:
+        raise TuneInterrupted(study_name, storage, len(complete))
     return study
 
 
@@ -331,12 +359,14 @@ def main(argv: list[str] | None = None) -> None:
     study_name = args.study_name or params.tune.study_name
     storage = args.storage or params.tune.storage or default_storage()
     if args.apply and args.n_trials is None:  # --apply alone: use the study as it is
-        apply_study_best(load_study(params, study_name, storage, create=False), path)
+        with project_lock():
+            apply_study_best(load_study(params, study_name, storage, create=False), path)
         return
-    study = tune(params, n_trials=args.n_trials or params.tune.n_trials, timeout=args.timeout or params.tune.timeout_s,
-                 study_name=study_name, storage=storage)
-    if args.apply:
-        apply_study_best(study, path)
+    with project_lock(shared=not args.apply):  # workers share a study; --apply rewrites params.yaml
+        study = tune(params, n_trials=args.n_trials or params.tune.n_trials,
+                     timeout=args.timeout or params.tune.timeout_s, study_name=study_name, storage=storage)
+        if args.apply:
+            apply_study_best(study, path)
 
 
 if __name__ == "__main__":

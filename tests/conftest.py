@@ -131,6 +131,16 @@ def run_module(module: str, *args: str, cwd: Path, timeout: float = 300) -> subp
 
 
 @pytest.fixture(scope="session")
+def forked_cli():
+    """`forked_cli.run(stage, *args, cwd=, env=)`: `run_module`, forked from a warm process (tests/forked_cli.py)."""
+    from tests.forked_cli import ForkedCLI
+
+    runner = ForkedCLI(cli_env(REPO_ROOT))
+    yield runner
+    runner.close()
+
+
+@pytest.fixture(scope="session")
 def shipped_params_text() -> str:
     """params.yaml as committed (git HEAD), not the working copy, which `dvc exp run -S ...` rewrites."""
     try:

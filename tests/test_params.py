@@ -157,3 +157,14 @@ def test_flatten_uses_dotted_keys():
     flat = flatten(Params())
     assert flat["collect.train_frames"] == Params().collect.train_frames
     assert flat["train.lr_g"] == Params().train.lr_g
+
+
+def test_yaml_is_read_strictly_at_any_depth_and_otherwise_as_safe_load(shipped_params_text):
+    from src.strict_yaml import DuplicateKeyError, strict_load
+
+    assert strict_load(shipped_params_text) == yaml.safe_load(shipped_params_text)  # DVC's reading is unchanged
+    with pytest.raises(DuplicateKeyError, match=r"key 'train' appears twice \(lines 1 and 3\)"):
+        strict_load("train: {lr_g: 0.1}\nseed: 1\ntrain: {lr_d: 0.1}\n")
+    with pytest.raises(DuplicateKeyError, match=r"key 'tune.space.0.low' appears twice"):
+        strict_load("tune:\n  space:\n    - {low: 1, low: 2}\n")
+    assert strict_load("base: &b {x: 1}\nd:\n  <<: *b\n  x: 2\n")["d"] == {"x": 2}  # a merge may override

@@ -75,11 +75,14 @@ def test_cli_writes_a_grid_and_a_folder(generator_file, tmp_path, monkeypatch):
     grid = main(["--n", "6", "--out", str(tmp_path / "grid.png"), "--grid", "--nrow", "3", "--device", "cpu"])
     assert Image.open(grid).size == (3 * 66 + 2, 2 * 66 + 2)  # 64 px tiles, 2 px padding
     folder = main(["--n", "5", "--out", str(tmp_path / "imgs"), "--model", str(path), "--seed", "1", "--device", "cpu"])
-    files = sorted(folder.iterdir())
+    files = sorted(folder.glob("*.png"))
     assert [f.name for f in files] == [f"{i:04d}.png" for i in range(5)]
+    assert sorted(f.name for f in folder.iterdir()) == [".atari-gan-samples", *(f.name for f in files)]
     expected = generate_images(load_generator(path)[0], 5, latent_dim=16, seed=1, device="cpu")
     first = np.asarray(Image.open(files[0]))
     assert np.array_equal(first, expected[0].permute(1, 2, 0).numpy())  # PNG keeps the exact pixels
+    again = main(["--n", "2", "--out", str(folder), "--model", str(path), "--device", "cpu"])  # its own: replaced
+    assert sorted(f.name for f in again.glob("*.png")) == ["0000.png", "0001.png"]
     with pytest.raises(UserError, match="add --grid"):
         main(["--out", str(tmp_path / "x.png")])
 

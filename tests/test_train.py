@@ -22,7 +22,7 @@ def test_missing_snapshot_stops_main_before_training(tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text(json.dumps({"model": TINY_MODEL, "train": TINY_TRAIN}))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SnapshotError, match="no snapshot"):
-        train.main()
+        train.main([])
     assert not (tmp_path / "models").exists()
 
 
@@ -38,7 +38,7 @@ def test_main_tracks_the_run_in_mlflow(tmp_path, monkeypatch, make_snapshot):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.setenv("DVC_EXP_NAME", "test-exp")
-    train.main()
+    train.main([])
 
     from mlflow.tracking import MlflowClient
 

@@ -21,6 +21,7 @@ import yaml
 from src.atomic import file_sha256
 from src.collect import collect_snapshot
 from src.data import collect_mismatches, load_snapshot
+from src.lock import LOCK_FILE
 from src.params import parse_params
 from src.paths import CHECKPOINT_DIR, SNAPSHOT_DIR
 from tests.conftest import TINY_MODEL, TINY_TRAIN
@@ -98,7 +99,9 @@ REFUSALS = [
 
 
 def project_files(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): file_sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file's digest, but the lock's: it names whoever held it last (the refused run too)."""
+    return {str(p.relative_to(root)): file_sha256(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != LOCK_FILE}
 
 
 @pytest.mark.parametrize(("update", "setup", "fragments"), [row[1:] for row in REFUSALS],

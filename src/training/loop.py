@@ -85,8 +85,8 @@ class TrainResult:
         return self.ema_generator if self.ema_generator is not None else self.generator
 
 
-def check_snapshot(snapshot: Snapshot) -> None:
-    """Refuse a snapshot the model cannot train on, before any work starts."""
+def check_snapshot(snapshot: Snapshot, batch_size: int | None = None) -> None:
+    """Refuse a snapshot the model cannot train on (or with batches of `batch_size`), before any work starts."""
     images = snapshot.train_images
     if tuple(images.shape[1:]) != IMAGE_SHAPE or images.dtype != np.uint8:
         raise SnapshotError(
@@ -97,6 +97,11 @@ def check_snapshot(snapshot: Snapshot) -> None:
     if len(images) == 0:
         raise SnapshotError(
             f"snapshot {snapshot.path} has no training frames; raise collect.train_frames and rebuild it"
+        )
+    if batch_size is not None and batch_size > len(images):
+        raise SnapshotError(
+            f"train.batch_size = {batch_size} is more than the snapshot's {len(images)} training frames: every "
+            f"batch would repeat frames; lower train.batch_size to at most {len(images)} or raise collect.train_frames"
         )
 
 
@@ -135,7 +140,7 @@ def train_gan(
     """
     if effective(params) != params:  # resolved once, where the stage loads them
         raise ValueError("train_gan takes the params as they run: pass src.params.effective(params)")
-    check_snapshot(snapshot)
+    check_snapshot(snapshot, params.train.batch_size)
     rank, world = rank_and_world()
     device = process_device(params.train.device, world)
     precision = resolve_precision(params.train.precision, device)
