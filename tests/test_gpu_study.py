@@ -6,10 +6,11 @@ from __future__ import annotations
 import math
 
 import pytest
+import yaml
 
 from benchmarks.bench_recipes import window_iterations
 from benchmarks.gpu_study import batch_overrides, candidates, run_params, table
-from src.params import TrainParams, load_params
+from src.params import TrainParams, parse_params
 from tests.conftest import tiny
 from tests.test_step_graphs import trainer_for
 
@@ -24,8 +25,8 @@ def test_a_larger_batch_keeps_the_ema_horizon_in_images(batch):
     assert over["train.ema_warmup"] * batch == 1000 * 32
 
 
-def test_every_candidate_is_valid_params_over_the_gpu_profile():
-    base = load_params()
+def test_every_candidate_is_valid_params_over_the_gpu_profile(shipped_params_text):
+    base = parse_params(yaml.safe_load(shipped_params_text))
     for name in candidates(base.train):
         params = run_params(base, name, seed=1, budget_s=90, device="cpu")
         assert (params.seed, params.train.time_budget_s, params.train.fid_every) == (1, 90, 0)
