@@ -10,6 +10,7 @@ finds nothing to reproduce. The server's artifact folder holds the artifacts; A'
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -73,7 +74,7 @@ def digest(path: Path) -> str:
 
 
 def test_two_teammates_share_runs_models_and_data(tmp_path, shipped_params_text, mlflow_server: MlflowServer,
-                                                  dav_server: DavServer, hub_weights):
+                                                  dav_server: DavServer, hub_weights, monkeypatch, request):
     origin = make_origin(tmp_path, shipped_params_text)
     experiment = f"team-{uuid.uuid4().hex[:8]}"  # the server outlives the test
     times = {}
@@ -107,7 +108,11 @@ def test_two_teammates_share_runs_models_and_data(tmp_path, shipped_params_text,
     import mlflow
     from mlflow import MlflowClient
 
-    os.environ.update(mlflow_server.login())  # B's own login (same user here) for this process's client
+    # B's own login (same user here) for this process's client, for this test only: a login left in the
+    # environment would let later tests' "no login" clients in.
+    for key, value in mlflow_server.login().items():
+        monkeypatch.setenv(key, value)
+    request.addfinalizer(functools.partial(mlflow.set_tracking_uri, mlflow.get_tracking_uri()))
     mlflow.set_tracking_uri(mlflow_server.url)
     runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
     trained = [r for r in runs if "eval/fid" in r.data.metrics]
