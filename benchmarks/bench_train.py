@@ -149,14 +149,16 @@ class ArticleLoop:
 class OurLoop:
     """`GANTrainer.step` with train_gan's device-side loss window, read every `train.log_every` steps
     and at the end of each timed window (so a short window syncs more often, never less). The
-    snapshot is `frames` random frames (speed does not depend on them)."""
+    snapshot is `frames` random frames, with random game labels for a conditional model (speed does not depend on
+    them)."""
 
     def __init__(self, device: torch.device, params: Params, frames: int):
         self.params = params = effective(params)
         rng = np.random.default_rng(0)
         self.dtype = resolve_precision(params.train.precision, device)
-        self.trainer = GANTrainer(params, rng.integers(0, 256, (frames, 3, 64, 64), dtype=np.uint8), device,
-                                  precision=self.dtype)
+        images = rng.integers(0, 256, (frames, 3, 64, 64), dtype=np.uint8)
+        labels = rng.integers(0, len(params.collect.games), frames) if params.model.conditional else None
+        self.trainer = GANTrainer(params, images, device, precision=self.dtype, labels=labels)
         self.log_every = params.train.log_every
         self.window = LossWindow(self.log_every, device, 1)
         self.images_per_iteration = self.trainer.images_per_step(1)

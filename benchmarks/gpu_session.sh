@@ -9,12 +9,15 @@
 #   benchmarks/gpu_session.sh run      # there: the device tool's run with carry [".whl"], timeout_s 600
 #   benchmarks/gpu_session.sh check    # here, on the CPU: the same steps, tiny, then score and table them
 #
-# RUNS lists candidate:seed in order of priority (candidates: benchmarks/gpu_study.py); at most 6 runs, since
-# 8 files come back from $OUT. Then, here: gpu_study.py score DIR (the CPU, standard weights) and table DIR.
+# RUNS lists candidate:seed[:budget seconds] in order of priority (candidates: benchmarks/gpu_study.py); ALSO_AT
+# (seconds) also saves each longer run's generator when its training time reaches it, so one 180-s run gives the
+# 90-s result too. 8 files come back from $OUT: the log, the speed table and 6 generators at most. Then, here:
+# gpu_study.py score DIR (the CPU, standard weights) and table DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-"default:0 default:1 article:0 article:1 r1-every-1:0"}
 BUDGET=${BUDGET:-90}
+ALSO_AT=${ALSO_AT:-}
 BENCH_SECONDS=${BENCH_SECONDS:-10}
 LIMIT=${LIMIT:-570}
 WHEELS="pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 gymnasium==1.4.0
@@ -38,9 +41,11 @@ run)
   DEVICE=cuda SNAPSHOT=data/snapshot
   exec > >(tee "$OUT/session.log") 2>&1
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  [ -f data/snapshot/manifest.json ] || python3 -m src.collect ;;
+  [ -f data/snapshot/manifest.json ] || python3 -m src.collect
+  cp data/snapshot/manifest.json "$OUT/snapshot-manifest.json" ;;  # its digest, to match the snapshot scored on
 check)
-  OUT=$(mktemp -d) DEVICE=cpu BUDGET=${CHECK_BUDGET:-5} BENCH_SECONDS=3 RUNS="default:0 article:0"
+  OUT=$(mktemp -d) DEVICE=cpu BUDGET=${CHECK_BUDGET:-5} BENCH_SECONDS=3 RUNS="default:0:8 article:0 nosuch:0"
+  ALSO_AT=4
   export OMP_NUM_THREADS=1  # 2 shared cores: a second thread only spins against other jobs
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   # A small real snapshot (300 + 150 frames of the three games) from params.yaml's collect settings.
@@ -58,11 +63,15 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 python3 benchmarks/bench_recipes.py --device "$DEVICE" --seconds "$BENCH_SECONDS" --repeats 5 \
   --write --results "$OUT/bench-$DEVICE.md"
 for run in $RUNS; do
-  if (( SECONDS + BUDGET + 30 > LIMIT )); then
-    echo "skipped $run: ${SECONDS} s spent, a run of ${BUDGET} s would pass ${LIMIT} s"; continue
+  IFS=: read -r name seed budget <<<"$run"
+  budget=${budget:-$BUDGET}
+  if (( SECONDS + ${budget%.*} + 30 > LIMIT )); then
+    echo "skipped $run: ${SECONDS} s spent, a run of ${budget} s would pass ${LIMIT} s"; continue
   fi
-  python3 benchmarks/gpu_study.py train "${run%%:*}" --seed "${run##*:}" --budget-s "$BUDGET" \
-    --device "$DEVICE" --snapshot "$SNAPSHOT" --out "$OUT"
+  # A run that fails (a capture, say) is reported and the next one still runs: the call is too dear to lose.
+  python3 benchmarks/gpu_study.py train "$name" --seed "$seed" --budget-s "$budget" \
+    ${ALSO_AT:+--also-at "$ALSO_AT"} --device "$DEVICE" --snapshot "$SNAPSHOT" --out "$OUT" \
+    || echo "error: run $run failed (exit $?)"
 done
 echo "done in ${SECONDS} s: $(ls "$OUT")"
 if [ "${1}" = check ]; then
