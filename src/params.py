@@ -141,7 +141,7 @@ class ModelParams(_Section):
 class TrainParams(_Section):
     recipe: Literal["article", "custom"] = "custom"
     device: DeviceName = "auto"
-    iterations: int = Field(20_000, gt=0)
+    iterations: int = Field(95_000, gt=0)
     time_budget_s: float | None = Field(None, gt=0)
     batch_size: int = Field(32, gt=0)
     lr_g: float = Field(2.74e-4, gt=0, lt=1)
@@ -168,7 +168,7 @@ class TrainParams(_Section):
     cuda_graphs: bool = Field(True, description="replay each training step as one CUDA graph (CUDA, one process)")
     log_every: int = Field(50, gt=0)
     image_every: int | str = Field("auto", description=f"auto = train.iterations / {AUTO_POINTS}")
-    checkpoint_every: int = Field(500, gt=0)
+    checkpoint_every: int = Field(5_000, gt=0)
     fid_every: int | str = Field("auto", description=f"auto = train.iterations / {AUTO_POINTS}; 0 = no FID")
     fid_samples: int = Field(500, ge=2)
 
