@@ -115,7 +115,7 @@ def train_one(name: str, seed: int, args: argparse.Namespace) -> None:
     t, device = params.train, torch.device(args.device)
     record = {
         "recipe": name, "seed": seed, "overrides": candidates(with_profile(load_params(), "gpu").train)[name],
-        "settings": {"model": effective(params).model.model_dump(), "train": t.model_dump()},
+        "settings": {"model": params.model.model_dump(), "train": t.model_dump()},
         "date": dt.date.today().isoformat(), "machine": machine(device), "torch": str(torch.__version__),
         "step_path": graph_plan(t.cuda_graphs, t.compile, t.r1_gamma, t.r1_every, device, 1, 3)[1],
         "budget_s": args.budget_s, "checkpointed": False, "train_seconds": round(result.elapsed_s, 1),
@@ -126,7 +126,8 @@ def train_one(name: str, seed: int, args: argparse.Namespace) -> None:
     runs = [(f"{name}-seed{seed}", record, cpu_state(result.eval_generator))]
     for save in saves.saved:  # the same run, cut short: its own budget, count and rate
         cut = {"budget_s": save["at_s"], "train_seconds": save["train_seconds"], "iterations": save["iterations"],
-               "images_per_s": save["images_per_s"], "updates_per_s": round(save["iterations"] / save["train_seconds"], 1),
+               "images_per_s": save["images_per_s"],
+               "updates_per_s": round(save["iterations"] / save["train_seconds"], 1),
                "taken_from": f"the {args.budget_s:g}-s run, when its training time reached {save['at_s']:g} s"}
         runs.append((f"{name}-seed{seed}-{save['at_s']:g}s", {**record, **cut}, save["state"]))
     for stem, rec, state in runs:

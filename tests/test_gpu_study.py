@@ -81,5 +81,6 @@ def test_a_longer_run_saves_the_generator_as_it_stood_at_each_earlier_budget():
         with torch.no_grad():
             generator.weight.fill_(step)
         assert saves.fid_fn(step, generator) == 0.0
-    assert [(s["at_s"], s["iterations"], s["train_seconds"]) for s in saves.saved] == [(45.0, 100, 50.0), (90.0, 200, 100.0)]
+    saved = [(s["at_s"], s["iterations"], s["train_seconds"]) for s in saves.saved]
+    assert saved == [(45.0, 100, 50.0), (90.0, 200, 100.0)]
     assert [float(s["state"]["weight"][0, 0]) for s in saves.saved] == [100.0, 200.0]  # copies, not the live weights
