@@ -51,7 +51,7 @@ def recipe_params(base: Params, recipe: str, device: torch.device) -> Params:
 def r1_period(trainer: GANTrainer) -> int:
     """Steps after which the pattern of step kinds repeats: r1_every with lazy R1, else 1."""
     t = trainer.t
-    return t.r1_every if len(step_kinds(t.r1_gamma, t.r1_every)) == 2 else 1
+    return t.r1_every if len(step_kinds(t.penalty_gamma, t.r1_every)) == 2 else 1
 
 
 def warmup_steps(trainer: GANTrainer) -> int:
@@ -69,7 +69,7 @@ def path_label(trainer: GANTrainer) -> str:
     t = trainer.t
     if not trainer.graphed:
         return "eager"
-    n = len(step_kinds(t.r1_gamma, t.r1_every))
+    n = len(step_kinds(t.penalty_gamma, t.r1_every))
     return "2 CUDA graphs (plain, R1)" if n == 2 else "1 CUDA graph"
 
 

@@ -59,9 +59,11 @@ TEXTBOOK = {"train.recipe": "custom", "model.gen_filters": 64, "model.disc_filte
             "train.ema_decay": 0.999, "train.ema_warmup": 1000, "train.augment": "", "train.lr_decay": "none",
             "model.palette_size": 0, "model.upsample": "transposed", "model.conditional": False,
             "model.arch": "dcgan", "model.skip_rgb": False, "model.minibatch_std": 0, "train.r1_gamma": 0.0,
-            "model.palette_head": "none"}
+            "model.palette_head": "none", "train.r2_gamma": 0.0, "train.gamma_end_fraction": 1.0,
+            "train.ema_rampup": 0.0}
 SMALL = {**TEXTBOOK, "model.gen_filters": 32, "model.disc_filters": 32, "train.batch_size": 32}
 R1_MBSTD = {**SMALL, **TUNED_LR, "train.r1_gamma": 0.1, "model.minibatch_std": 4}
+CPU_RECIPE = {**R1_MBSTD, "train.batch_size": 16, "model.conditional": True, "train.ema_decay": 0.995}
 CPU_PROFILE_RECIPE = "small-tuned-r1-mbstd-b16-cond-ema995"  # params.yaml's profiles.cpu trains this (a test checks)
 GPU_DEFAULT_RECIPE = "small-tuned-r1-mbstd-cond"  # params.yaml's top level (the gpu profile) trains this (a test checks)
 RECIPES: dict[str, dict[str, Any]] = {
@@ -128,9 +130,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     # game labels keep every game drawn (batch 16 and width 24 lost Pong on some seeds).
     "small-tuned-r1-mbstd-b16-ema995": {**R1_MBSTD, "train.batch_size": 16, "train.ema_decay": 0.995},
     "small-tuned-r1-mbstd-b16-cond": {**R1_MBSTD, "train.batch_size": 16, "model.conditional": True},
-    "small-tuned-r1-mbstd-b16-cond-ema995": {**R1_MBSTD, "train.batch_size": 16, "model.conditional": True,
-                                             "train.ema_decay": 0.995},
+    "small-tuned-r1-mbstd-b16-cond-ema995": CPU_RECIPE,
     "small-tuned-r1-mbstd-b8": {**R1_MBSTD, "train.batch_size": 8},
+    # Sixth round (issue 27): the R3GAN baseline's loss and schedules, and augmentation, on the cpu profile's recipe.
+    "cpu-rpgan-r2": {**CPU_RECIPE, "train.loss": "rpgan", "train.r2_gamma": 0.1},  # RpGAN + R1 + R2, gamma 0.1
+    "cpu-rpgan-r2-gdecay": {**CPU_RECIPE, "train.loss": "rpgan", "train.r2_gamma": 0.1,
+                            "train.gamma_end_fraction": 0.1},  # gamma falls 10x by a cosine, as R3GAN's
+    "cpu-emaramp": {**CPU_RECIPE, "train.ema_rampup": 0.05},  # StyleGAN2-ADA's EMA ramp in images
+    "cpu-aug": {**CPU_RECIPE, "train.augment": "translation,color"},  # DiffAugment
 }
 
 

@@ -7,7 +7,8 @@ stream (not the one that picked the best step) and writes `metrics/eval.json`: F
 the holdout frames; with a palette, the same latents drawn without it (`fid_raw`) or with it
 (`fid_palette`) and the palette-snapped training frames' FID (`fid_floor_palette`); the FID of as
 many training frames against the holdout (what a perfect generator would score with this snapshot
-and sample count); precision/recall; the share of screens a game classifier (src/coverage.py)
+and sample count); precision/recall and density/coverage, with the same four for those training frames
+(`*_train_frames`: the top of their scale); the share of screens a game classifier (src/coverage.py)
 assigns to each game against the snapshot's, per-game FID and, for a game-conditional generator,
 the share of screens showing the game they were drawn for (`label_agreement`); the sample counts and
 the identity of the Inception weights (the per-set metrics are src/quality_metrics.py's). docs/quality.md says
@@ -38,7 +39,7 @@ from src.generator import check_can_draw, generate_images, load_generator, pick_
 from src.lock import project_lock
 from src.params import Params, load_params
 from src.profile import apply_profile
-from src.quality_metrics import SmallSampleWarning, set_metrics
+from src.quality_metrics import SmallSampleWarning, real_scale, set_metrics
 from src.timing import Stopwatch
 from src.tracking import check_store, logged_after_work
 from src.paths import MODELS_DIR, SNAPSHOT_DIR, TRAIN_PLOTS_DIR
@@ -173,6 +174,8 @@ def evaluate_generator(generator: nn.Module, snapshot: Snapshot, extractor: ince
         **set_metrics(fake_features, fake, holdout, **common),
         "post_processing": f"palette{len(palette)}" if shipped_palette else "none",
         "fid_holdout_vs_train": fid.fid_from_features(holdout, train, device=extractor.device),
+        # as many training frames as generated screens, against the same holdout frames and k
+        **real_scale(train, holdout if prc_index is None else holdout[torch.from_numpy(prc_index)]),
     }
     if getattr(generator, "num_classes", 0):  # is each screen the game it was drawn for?
         asked = requested_labels(generator, len(fake)).numpy()
@@ -375,9 +378,11 @@ def main(argv: list[str] | None = None) -> None:
     spread = "(whole sample: no spread)" if metrics["kid_std"] is None else f"± {metrics['kid_std']:.4f}"
     print(
         f"FID {metrics['fid']:.2f} ({metrics['post_processing']}){raw}{palette}  KID {metrics['kid_mean']:.4f} {spread}  "
-        f"precision {metrics['precision']:.3f} recall {metrics['recall']:.3f}  "
-        f"game shares TV {metrics['coverage_tv']:.3f}{agree}  "
-        f"(floor: holdout vs train FID {metrics['fid_holdout_vs_train']:.2f}; "
+        f"precision {metrics['precision']:.3f} recall {metrics['recall']:.3f} density {metrics['density']:.3f} "
+        f"coverage {metrics['coverage']:.3f}  game shares TV {metrics['coverage_tv']:.3f}{agree}  "
+        f"(real vs real: FID {metrics['fid_holdout_vs_train']:.2f}, precision {metrics['precision_train_frames']:.3f} "
+        f"recall {metrics['recall_train_frames']:.3f} density {metrics['density_train_frames']:.3f} "
+        f"coverage {metrics['coverage_train_frames']:.3f}; "
         f"{metrics['num_generated']} generated vs {metrics['num_real']} holdout; {metrics['generator_file']}) "
         f"-> {METRICS_FILE}, {GRID_FILE}" + (f", MLflow run {run_id}" if run_id else " (not logged to MLflow)")
     )

@@ -358,7 +358,7 @@ def model_kwargs(params: Params) -> dict[str, dict]:
             "activation": t.d_activation,
             "spectral_norm": t.spectral_norm,
             # Per-sample penalties (WGAN-GP, R1) and spectral norm go without BN in D, as in their papers.
-            "batch_norm": not (t.spectral_norm or t.loss == "wgan-gp" or t.r1_gamma > 0) and m.arch == "dcgan",
+            "batch_norm": not (t.spectral_norm or t.loss == "wgan-gp" or t.penalty_gamma > 0) and m.arch == "dcgan",
             "init": t.init,
             "arch": m.arch,
             "minibatch_std": m.minibatch_std,

@@ -148,16 +148,24 @@ class TrainParams(_Section):
     lr_d: float = Field(1.42e-3, gt=0, lt=1)
     beta1: float = Field(0.064, ge=0, lt=1)
     beta2: float = Field(0.909, ge=0, lt=1)
-    loss: Literal["bce", "hinge", "wgan-gp"] = "bce"
+    loss: Literal["bce", "hinge", "wgan-gp", "rpgan"] = "bce"
     gp_weight: float = Field(10.0, ge=0)
     r1_gamma: float = Field(0.1, ge=0, description="R1 penalty on real images (Mescheder et al. 2018); 0 = off")
-    r1_every: int = Field(16, ge=1, description="lazy R1: apply it every N steps, scaled by N (StyleGAN2)")
+    r2_gamma: float = Field(0.0, ge=0, description="R2: the same penalty on generated images; 0 = off")
+    r1_every: int = Field(16, ge=1, description="lazy R1/R2: apply them every N steps, scaled by N (StyleGAN2)")
+    gamma_end_fraction: float = Field(
+        1.0, gt=0, le=1, description="R1/R2 gamma at the run's end as a fraction of its start, by a cosine; 1 = constant"
+    )
     d_steps: int = Field(1, ge=1, description="discriminator updates per generator update")
     d_activation: Literal["relu", "leaky_relu"] = "leaky_relu"
     init: Literal["default", "dcgan"] = "dcgan"
     spectral_norm: bool = False
     ema_decay: float = Field(0.999, ge=0, lt=1, description="0 = no EMA generator")
     ema_warmup: int = Field(1_000, ge=0, description="steps over which the EMA decay ramps up")
+    ema_rampup: float = Field(
+        0.0, ge=0, le=1, description="> 0: the EMA half-life, in images, is at most this fraction of the images seen "
+        "(StyleGAN2-ADA's ramp; replaces ema_warmup); 0 = off"
+    )
     lr_decay: Literal["none", "linear"] = Field(
         "none", description="linear: both learning rates fall linearly to 0 at train.iterations or train.time_budget_s"
     )
@@ -184,6 +192,11 @@ class TrainParams(_Section):
     @classmethod
     def _augment(cls, augment: str) -> str:
         return ",".join(parse_policy(augment))
+
+    @property
+    def penalty_gamma(self) -> float:
+        """R1's and R2's gammas together: > 0 when a step regularises D (and D drops batch norm)."""
+        return self.r1_gamma + self.r2_gamma
 
 
 class EvaluateParams(_Section):
@@ -275,6 +288,7 @@ ARTICLE_TRAIN = {
     "init": "default",
     "spectral_norm": False,
     "r1_gamma": 0.0,
+    "r2_gamma": 0.0,
     "ema_decay": 0.0,
     "lr_decay": "none",
     "augment": "",

@@ -152,8 +152,10 @@ def test_evaluate_writes_metrics_and_grid(atari_workdir, hub_weights):
     assert written["post_processing"] == "palette16" and written["palette_size"] == 16
     assert written["fid_palette"] == written["fid"] != written["fid_raw"]
     assert written["fid_floor_palette"] != written["fid_holdout_vs_train"]
-    for key in ("precision", "recall", "precision_raw", "recall_raw"):
+    for key in ("precision", "recall", "precision_raw", "recall_raw", "coverage", "coverage_raw",
+                "precision_train_frames", "recall_train_frames", "coverage_train_frames"):
         assert 0 <= written[key] <= 1, key
+    assert written["density"] >= 0 and written["density_train_frames"] > 0
     assert written["classifier_holdout_accuracy"] >= 0.99
     games = ["Breakout-v4", "Pong-v4"]
     for suffix in ("", "_raw"):
@@ -207,6 +209,22 @@ def test_precision_and_recall_take_generated_then_real():
     scores = quality_metrics.precision_recall(collapsed, real)
     assert scores["precision"] == 1.0 and scores["recall"] < 0.2
     assert quality_metrics.precision_recall(real, real) == {"precision": 1.0, "recall": 1.0}
+
+
+def test_density_and_coverage_follow_naeem_et_al():
+    """Each real sample's ball reaches its k-th nearest real neighbour; density counts balls, coverage balls hit."""
+    real = torch.tensor([[0.0], [1.0], [2.0], [10.0], [11.0], [12.0]])  # k = 1: every radius is 1.0
+    fake = torch.tensor([[1.5], [1.5], [30.0]])
+    # 1.5 lies strictly inside the balls of 1 and 2 (distance 0.5), none of 0 (1.5); 30 in none.
+    scores = quality_metrics.density_coverage(fake, real, k=1)
+    assert scores == {"density": pytest.approx(4 / (1 * 3)), "coverage": pytest.approx(2 / 6)}
+    # A collapsed set crowds one region: high density, low coverage; the real set itself covers everything.
+    cloud = torch.randn(300, 8, generator=torch.Generator().manual_seed(0))
+    collapsed = cloud[:3].repeat(100, 1)
+    assert quality_metrics.density_coverage(collapsed, cloud)["coverage"] < 0.05
+    assert quality_metrics.density_coverage(cloud, cloud)["coverage"] == 1.0
+    scale = quality_metrics.real_scale(cloud[:150], cloud[150:])
+    assert set(scale) == {f"{k}_train_frames" for k in ("precision", "recall", "density", "coverage")}
 
 
 def test_evaluate_and_best_step_selection_draw_independent_latents(atari_snapshot, tmp_path, hub_weights):

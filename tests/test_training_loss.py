@@ -45,3 +45,24 @@ def test_r1_penalty_of_a_quadratic_critic():
     r1 = r1_penalty(lambda x: x.pow(2).flatten(1).sum(1) / 2, real)
     assert r1.item() == pytest.approx(real.flatten(1).pow(2).sum(1).mean().item(), rel=1e-5)
     assert r1.requires_grad  # it trains D: the penalty is differentiable in D's weights
+
+
+def test_rpgan_pairs_each_real_with_its_fake():
+    real, fake = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 3.0])
+    softplus = torch.nn.functional.softplus
+    # D: softplus(D(fake_i) - D(real_i)) averaged over pairs; G: the same with the roles swapped.
+    assert discriminator_loss("rpgan", real, fake).item() == pytest.approx(
+        (softplus(torch.tensor(-1.0)) + softplus(torch.tensor(3.0))).item() / 2)
+    assert generator_loss("rpgan", fake, real).item() == pytest.approx(
+        (softplus(torch.tensor(1.0)) + softplus(torch.tensor(-3.0))).item() / 2)
+    # Pairing, not batch means: swapping two fakes changes the loss (a batch-mean loss would not notice).
+    assert discriminator_loss("rpgan", real, fake.flip(0)).item() != pytest.approx(
+        discriminator_loss("rpgan", real, fake).item())
+
+
+def test_rpgan_generator_loss_needs_the_real_side_and_trains_only_through_the_fakes():
+    with pytest.raises(ValueError, match="real_logits"):
+        generator_loss("rpgan", torch.zeros(2))
+    real, fake = torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True)
+    generator_loss("rpgan", fake, real).backward()
+    assert real.grad is None and fake.grad is not None and fake.grad.abs().sum() > 0

@@ -122,6 +122,31 @@ def test_lazy_r1_runs_every_r1_every_steps_with_its_weight(monkeypatch):
     assert rows[1, 1].item() == pytest.approx(plain_losses[1].item(), rel=1e-6)
 
 
+def test_r2_and_the_gamma_schedule_weigh_the_penalty_on_generated_screens(monkeypatch):
+    penalised = []
+    real_r1 = trainer_module.r1_penalty
+
+    def spy(critic, images):
+        value = real_r1(critic, images)
+        penalised.append((images, value.item()))
+        return value
+
+    monkeypatch.setattr(trainer_module, "r1_penalty", spy)
+    trainer = trainer_for(tiny(loss="rpgan", r1_gamma=0.0, r2_gamma=2.0, r1_every=2))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in trainer.D.modules())  # R2 alone drops BN as R1 does
+    plain = []
+    real_loss = trainer_module.discriminator_loss
+    monkeypatch.setattr(trainer_module, "discriminator_loss", lambda *a: plain.append(real_loss(*a)) or plain[-1])
+    trainer.set_gamma_scale(0.5)
+    rows = torch.stack([trainer.step() for _ in range(3)])
+    assert len(penalised) == 2  # steps 0 and 2; R1 is off, so each is R2 alone
+    for images, _ in penalised:  # on generated screens: values G's tanh draws, off the uint8 frames' grid
+        on_grid = (images + 1) * 127.5
+        assert not torch.allclose(on_grid, on_grid.round(), atol=1e-3)
+    for (_, value), step in zip(penalised, (0, 2), strict=True):
+        assert rows[step, 1].item() == pytest.approx(plain[step].item() + 0.5 * 2.0 / 2 * 2 * value, rel=1e-4)
+
+
 def test_new_architecture_options_train():
     model = {**TINY_MODEL, "arch": "resnet", "upsample": "bilinear", "skip_rgb": True, "minibatch_std": 4,
              "palette_size": 4, "palette_head": "hard"}

@@ -1,4 +1,4 @@
-"""When training stops: the clock of training seconds, the lr schedule it drives, and stop signals.
+"""When training stops: the clock of training seconds, the lr and gamma schedules it drives, and stop signals.
 
 Stop requests (signals, time budget) are agreed on by all ranks at the next sync point.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import threading
 import time
@@ -74,3 +75,8 @@ def lr_scale(step: int, iterations: int, elapsed_s: float, budget_s: float | Non
     Under a time budget the schedule follows the clock, so a slower machine decays over fewer steps.
     """
     return 1.0 - done_fraction(step, iterations, elapsed_s, budget_s)
+
+
+def cosine_scale(done: float, end: float) -> float:
+    """A half cosine from 1 at the start (done = 0) to `end` at the end (done = 1): R3GAN's decay of gamma."""
+    return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * done))

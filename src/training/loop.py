@@ -35,7 +35,7 @@ from src.training.checkpoint import (
     training_settings,
     write_checkpoint,
 )
-from src.training.clock import Clock, StopRequest, done_fraction, lr_scale
+from src.training.clock import Clock, StopRequest, cosine_scale, done_fraction, lr_scale
 from src.training.distributed import from_rank0, process_device, rank_and_world, stream_seed
 from src.training.loss import LOSS_KEYS
 from src.training.trainer import GANTrainer
@@ -245,6 +245,9 @@ class _Run:
         while self.step < t.iterations:
             if t.lr_decay == "linear":
                 self.trainer.set_lr_scale(lr_scale(self.step, t.iterations, self.clock.elapsed(), t.time_budget_s))
+            if t.gamma_end_fraction < 1 and t.penalty_gamma > 0:
+                done = done_fraction(self.step, t.iterations, self.clock.elapsed(), t.time_budget_s)
+                self.trainer.set_gamma_scale(cosine_scale(done, t.gamma_end_fraction))
             losses = self.trainer.step()
             self.step += 1
             self.window.add(losses)

@@ -1,4 +1,9 @@
-"""The GAN losses: D's and G's loss for each `train.loss`, the WGAN gradient penalty, R1, and the names a step reports."""
+"""The GAN losses: D's and G's loss for each `train.loss`, the WGAN gradient penalty, R1/R2, and the names a step reports.
+
+`rpgan` is the relativistic pairing loss (Jolicoeur-Martineau 2019; with R1 and R2 the R3GAN baseline,
+Huang et al. 2024): D scores each real screen against the fake drawn beside it, D(x_i) - D(G(z_i)), so
+G's loss needs the real logits too.
+"""
 
 from __future__ import annotations
 
@@ -23,11 +28,18 @@ def discriminator_loss(kind: str, real_logits: torch.Tensor, fake_logits: torch.
         return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
     if kind == "wgan-gp":
         return fake_logits.mean() - real_logits.mean()
+    if kind == "rpgan":
+        return F.softplus(fake_logits - real_logits).mean()
     raise ValueError(f"unknown loss {kind!r}")
 
 
-def generator_loss(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
+def generator_loss(kind: str, fake_logits: torch.Tensor, real_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """G's loss on D's fake logits; `rpgan` also needs the paired real logits (constants for G)."""
     fake_logits = fake_logits.float()
+    if kind == "rpgan":
+        if real_logits is None:
+            raise ValueError("the rpgan loss pairs each fake with a real: pass real_logits")
+        return F.softplus(real_logits.detach().float() - fake_logits).mean()
     if kind == "bce":
         # Non-saturating: G maximises log D(G(z)), the article's BCELoss(D(G(z)), 1).
         return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
@@ -50,9 +62,12 @@ def gradient_penalty(
     return ((grad.float().flatten(1).norm(dim=1) - 1.0) ** 2).mean()
 
 
-def r1_penalty(discriminator: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor) -> torch.Tensor:
-    """Mescheder et al. 2018: E[||grad_x D(x)||^2] on real images (the caller scales it by gamma / 2)."""
-    real = real.detach().float().requires_grad_(True)
-    out = discriminator(real)
-    (grad,) = torch.autograd.grad(out.float().sum(), real, create_graph=True)
+def r1_penalty(discriminator: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+    """Mescheder et al. 2018: E[||grad_x D(x)||^2] (the caller scales it by gamma / 2).
+
+    On real images it is R1; on generated ones (detached: a penalty on D only) R2.
+    """
+    images = images.detach().float().requires_grad_(True)
+    out = discriminator(images)
+    (grad,) = torch.autograd.grad(out.float().sum(), images, create_graph=True)
     return grad.float().flatten(1).pow(2).sum(dim=1).mean()

@@ -2,7 +2,7 @@
 
 Lazy R1 (`train.r1_every` > 1) makes two kinds of step, as in StyleGAN2's phases that run every
 `interval` minibatches: a plain step, and every r1_every-th step (from the first) one that adds the
-penalty. A step's kind is a pure function of its index, so every kind can be captured once and the
+penalties (R1, and R2 when `train.r2_gamma` > 0). A step's kind is a pure function of its index, so every kind can be captured once and the
 step replays the graph of its kind. Each kind first runs `warmup` times eagerly on a side stream
 (cuDNN picks its kernels, Adam creates its state, the double backward is seen once), is captured at
 its next step and replayed at every later one. The graphs share their static buffers - weights,
@@ -24,14 +24,17 @@ PLAIN, R1 = "plain", "r1"
 WARMUP, CAPTURE, REPLAY = "warm-up", "capture", "replay"
 
 
-def step_kind(step: int, r1_gamma: float, r1_every: int) -> str:
-    """The kind of step `step` (0-based): R1 on every r1_every-th step from the first, else plain."""
-    return R1 if r1_gamma > 0 and step % r1_every == 0 else PLAIN
+def step_kind(step: int, penalty_gamma: float, r1_every: int) -> str:
+    """The kind of step `step` (0-based): R1/R2 on every r1_every-th step from the first, else plain.
+
+    `penalty_gamma` is `train.penalty_gamma` (R1's and R2's gammas together; 0 = no penalty step).
+    """
+    return R1 if penalty_gamma > 0 and step % r1_every == 0 else PLAIN
 
 
-def step_kinds(r1_gamma: float, r1_every: int) -> tuple[str, ...]:
+def step_kinds(penalty_gamma: float, r1_every: int) -> tuple[str, ...]:
     """The kinds of step a run makes, in the order they first occur."""
-    if r1_gamma <= 0:
+    if penalty_gamma <= 0:
         return (PLAIN,)
     return (R1,) if r1_every == 1 else (R1, PLAIN)
 
@@ -95,7 +98,7 @@ class StepGraphs:
         return out
 
 
-def graph_plan(cuda_graphs: bool, compile_: bool, r1_gamma: float, r1_every: int, device: torch.device,
+def graph_plan(cuda_graphs: bool, compile_: bool, penalty_gamma: float, r1_every: int, device: torch.device,
                world_size: int, warmup: int) -> tuple[bool, str]:
     """Whether the steps replay captured CUDA graphs, and the log line saying which path runs and why."""
     if device.type != "cuda":
@@ -108,7 +111,7 @@ def graph_plan(cuda_graphs: bool, compile_: bool, r1_gamma: float, r1_every: int
     if compile_:
         return False, "training step: train.cuda_graphs needs train.compile: false; running eagerly"
     warm = f"captured after {warmup} eager warm-up steps of its kind"
-    if len(step_kinds(r1_gamma, r1_every)) == 1:
+    if len(step_kinds(penalty_gamma, r1_every)) == 1:
         return True, f"training step: one CUDA graph replayed at every step ({warm})"
     return True, (f"training step: two CUDA graphs, the plain step and the R1 step (every {r1_every}th), "
                   f"each replayed at the steps of its kind ({warm})")

@@ -75,8 +75,9 @@ class GANTrainer:
         self.conditional = generator.num_classes > 0
         self.G = generator.to(device, memory_format=self.memory_format)
         self.D = discriminator.to(device, memory_format=self.memory_format)
-        self.ema = EMA(self.G, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
-        self.graphed, path = graph_plan(t.cuda_graphs, t.compile, t.r1_gamma, t.r1_every, device, world_size,
+        self.ema = (EMA(self.G, t.ema_decay, t.ema_warmup, rampup=t.ema_rampup,
+                        images_per_update=self.images_per_step(world_size)) if t.ema_decay > 0 else None)
+        self.graphed, path = graph_plan(t.cuda_graphs, t.compile, t.penalty_gamma, t.r1_every, device, world_size,
                                         self.GRAPH_WARMUP)
         if rank == 0:  # which path runs; a warning when DDP or compile turns off the graphs asked for
             turned_off = t.cuda_graphs and device.type == "cuda" and not self.graphed
@@ -88,6 +89,8 @@ class GANTrainer:
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=t.lr_g, **adam)
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=t.lr_d, **adam)
         self._reset_lr()
+        # R1/R2's gamma as a multiple of params.yaml's: a device tensor, so a captured step follows the schedule.
+        self.gamma_scale = torch.ones((), device=device)
 
         self.sampler = DeviceSampler(images, device, seed=stream_seed(params.seed, rank, 0),
                                      labels=labels if self.conditional else None)
@@ -97,7 +100,7 @@ class GANTrainer:
         self._wrap_models(world_size)
         self.step_count = 0
         # What a graph captures: one step function per kind, reading no Python state that changes between steps.
-        self.step_fns = {kind: functools.partial(self._step, kind == R1) for kind in step_kinds(t.r1_gamma, t.r1_every)}
+        self.step_fns = {kind: functools.partial(self._step, kind == R1) for kind in step_kinds(t.penalty_gamma, t.r1_every)}
         generators = [self.sampler.generator, self.rng]
         self.graphs = StepGraphs(device, generators, self.GRAPH_WARMUP) if self.graphed else None
 
@@ -141,6 +144,10 @@ class GANTrainer:
             else:
                 group["lr"] = lr * scale
 
+    def set_gamma_scale(self, scale: float) -> None:
+        """R1's and R2's gammas at `scale` times params.yaml's (the `train.gamma_end_fraction` schedule)."""
+        self.gamma_scale.fill_(scale)
+
     def images_per_step(self, world_size: int) -> int:
         return self.t.batch_size * self.t.d_steps * world_size
 
@@ -165,7 +172,7 @@ class GANTrainer:
 
         With CUDA graphs the returned tensor is overwritten by the next step: copy it before then.
         """
-        kind = step_kind(self.step_count, self.t.r1_gamma, self.t.r1_every)
+        kind = step_kind(self.step_count, self.t.penalty_gamma, self.t.r1_every)
         fn = self.step_fns[kind]
         losses = fn() if self.graphs is None else self.graphs.run(kind, fn)
         self.step_count += 1
@@ -174,7 +181,7 @@ class GANTrainer:
         return losses
 
     def _step(self, regularise: bool) -> torch.Tensor:
-        """One iteration of one kind: with the lazy R1 penalty (`regularise`) or without."""
+        """One iteration of one kind: with the lazy R1/R2 penalties (`regularise`) or without."""
         t = self.t
         for k in range(t.d_steps):
             last = k == t.d_steps - 1
@@ -194,7 +201,11 @@ class GANTrainer:
                     loss_d = loss_d + t.gp_weight * gradient_penalty(critic, real_in, fake_in, self.rng)
                 if regularise and last:
                     # Lazy regularisation (StyleGAN2): every r1_every-th step, weighted r1_every times.
-                    loss_d = loss_d + (t.r1_gamma / 2 * t.r1_every) * r1_penalty(critic, real_in)
+                    weight = self.gamma_scale * (t.r1_every / 2)
+                    if t.r1_gamma > 0:
+                        loss_d = loss_d + weight * t.r1_gamma * r1_penalty(critic, real_in)
+                    if t.r2_gamma > 0:  # R2: the same penalty on the generated screens D just saw
+                        loss_d = loss_d + weight * t.r2_gamma * r1_penalty(critic, fake_in)
             self.opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             self.opt_d.step()
@@ -203,7 +214,12 @@ class GANTrainer:
         self.D.requires_grad_(False)
         try:
             with self._autocast():
-                loss_g = generator_loss(t.loss, self._d_for_g(self._augment(fake), *cond))
+                fake_for_g = self._d_for_g(self._augment(fake), *cond)
+                real_for_g = None
+                if t.loss == "rpgan":  # the pairs' real side, under D as it is now (a constant for G)
+                    with torch.no_grad():
+                        real_for_g = self._d_for_g(real_in, *cond)
+                loss_g = generator_loss(t.loss, fake_for_g, real_for_g)
             self.opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
         finally:
