@@ -13,6 +13,7 @@ and a sample grid beside it; `report` turns those files into the table of benchm
     python benchmarks/quality_study.py run article custom --seed 0 --seed 1 --threads 1
     python benchmarks/quality_study.py report [--write]
     python benchmarks/quality_study.py report --yardstick --results-dir DIR [--write]   # like-for-like table
+    python benchmarks/quality_study.py report --against RECIPE --results-dir DIR [--write --block NAME]  # pairs
     python benchmarks/quality_study.py run article --budget-s 600 --checkpoints DIR  # then 1800, 3600: one run, extended
     python benchmarks/quality_study.py report --plot curves.png --results-dir DIR [--recipe R ...] [--write]
 
@@ -304,20 +305,53 @@ def yardstick(records: list[dict[str, Any]]) -> str:
         return "(no run scored with the evaluate metrics yet)"
     games = [k.split("/", 1)[1] for k in rows[0]["eval"] if k.startswith("coverage_share_snapshot/")]
     fmt = lambda v, d=1: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
-    head = ("| run | shipped | FID raw | FID palette | precision / recall (shipped) | TV | "
+    head = ("| run | shipped | FID raw | FID palette | precision / recall (shipped) | density / coverage (shipped) | TV | "
             + " | ".join(f"{g} share · FID (n)" for g in games) + " |")
-    lines = [head, "|" + "---|" * (6 + len(games))]
+    lines = [head, "|" + "---|" * (7 + len(games))]
+    pair = lambda e, a, b: (f"{e[a]:.3f} / {e[b]:.3f}" if a in e else "–")  # noqa: E731  (older records lack some)
     for r in sorted(rows, key=lambda r: (r["recipe"], r["seed"], r.get("budget_s") or 0)):
         e = r["eval"]
         cells = [f"{fmt(e['coverage_share/' + g], 2)} · {fmt(e['fid_game/' + g])} ({e['count_game/' + g]})" for g in games]
         lines.append(f"| {run_label(r)} | {e['post_processing']} | {fmt(e.get('fid_raw'))} | "
-                     f"{fmt(e.get('fid_palette'))} | {e['precision']:.3f} / {e['recall']:.3f} | {e['coverage_tv']:.3f} | "
+                     f"{fmt(e.get('fid_palette'))} | {pair(e, 'precision', 'recall')} | {pair(e, 'density', 'coverage')} | "
+                     f"{e['coverage_tv']:.3f} | "
                      + " | ".join(cells) + " |")
-    e = rows[0]["eval"]
+    e = max((r["eval"] for r in rows), key=lambda e: "density_train_frames" in e)  # the fullest record's floors
     lines.append(
-        f"| floors (real train frames) | – | {fmt(e['fid_holdout_vs_train'])} | {fmt(e.get('fid_floor_palette'))} | – | – | "
+        f"| floors (real train frames) | – | {fmt(e['fid_holdout_vs_train'])} | {fmt(e.get('fid_floor_palette'))} | "
+        f"{pair(e, 'precision_train_frames', 'recall_train_frames')} | "
+        f"{pair(e, 'density_train_frames', 'coverage_train_frames')} | – | "
         + " | ".join(f"{fmt(e['coverage_share_snapshot/' + g], 2)} · {fmt(e['fid_game_floor/' + g])}" for g in games)
         + " |")
+    return "\n".join(lines)
+
+
+def against(records: list[dict[str, Any]], baseline: str) -> str:
+    """Each recipe against `baseline` seed by seed (runs that shared the machine as a pair), raw / palette FID.
+
+    A row lists every seed's raw / palette FID, TV and iterations, the means, density / coverage (means) and
+    the ratio of the means to the baseline's."""
+    by_recipe: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in records:
+        if "eval" in r and not r.get("checkpointed"):
+            by_recipe.setdefault(r["recipe"], {})[r["seed"]] = r["eval"] | {"iterations": r["iterations"]}
+    mean = lambda runs, key: statistics.mean(e[key] for e in runs.values())  # noqa: E731
+    if baseline not in by_recipe:
+        raise ValueError(f"no scored run of {baseline!r} in the results given; pick one of {sorted(by_recipe)}")
+    base = by_recipe[baseline]
+    lines = ["| recipe | " + " | ".join(f"seed {s}: raw / palette, TV, iterations" for s in sorted(base))
+             + " | mean raw / palette | density / coverage (mean) | vs baseline raw / palette |",
+             "|---|" + "---|" * len(base) + "---:|---:|---:|"]
+    for recipe, runs in sorted(by_recipe.items(), key=lambda kv: (kv[0] != baseline, mean(kv[1], "fid_raw"))):
+        if set(runs) != set(base):
+            continue  # like for like: the baseline's seeds, no fewer
+        cells = [f"{e['fid_raw']:.1f} / {e['fid_palette']:.1f}, {e['coverage_tv']:.3f}, {e['iterations']:,}"
+                 for _, e in sorted(runs.items())]
+        raw, palette = mean(runs, "fid_raw"), mean(runs, "fid_palette")
+        scored = all("density" in e for e in runs.values())  # records before density/coverage lack them
+        dc = f"{mean(runs, 'density'):.3f} / {mean(runs, 'coverage'):.3f}" if scored else "–"
+        lines.append(f"| {recipe} | " + " | ".join(cells) + f" | {raw:.1f} / {palette:.1f} | {dc} | "
+                     f"{raw / mean(base, 'fid_raw'):.2f}× / {palette / mean(base, 'fid_palette'):.2f}× |")
     return "\n".join(lines)
 
 
@@ -409,6 +443,10 @@ def main(argv: list[str] | None = None) -> None:
     rep.add_argument("--plot", default=None, help="print the time-to-quality table instead and draw it into this "
                                                   "PNG (runs with a --budget-s; an extended run wins)")
     rep.add_argument("--recipe", action="append", help="with --plot: only this recipe (repeatable; default all)")
+    rep.add_argument("--against", default=None, metavar="RECIPE",
+                     help="print each recipe against this one, seed by seed, instead (runs made as pairs)")
+    rep.add_argument("--block", default=None, help="with --write: the RESULTS.md block to write (default: the "
+                                                   "table's own: quality-study, yardstick or time-to-quality)")
     rep.add_argument("--results-dir", action="append", help="where the runs' json files are (repeatable; default "
                                                             "benchmarks/quality)")
     args = parser.parse_args(argv)
@@ -424,23 +462,21 @@ def main(argv: list[str] | None = None) -> None:
     else:
         records = load_records(*(args.results_dir or [RESULTS_DIR]))
         if args.plot:
-            text = plot_curves(records, Path(args.plot), args.recipe)
-            print(text)
-            if args.write:
-                write_block("time-to-quality", text)
-            return
-        if args.yardstick:
-            text = yardstick(records)
-            print(text)
-            if args.write:
-                write_block("yardstick", text)
-            return
-        text = report(records)
-        if args.curves:
-            text += "\n\n" + fid_curves(records, args.curves)
+            text, block = plot_curves(records, Path(args.plot), args.recipe), "time-to-quality"
+        elif args.against:
+            try:
+                text, block = against(records, args.against), "against"
+            except ValueError as exc:
+                parser.error(str(exc))
+        elif args.yardstick:
+            text, block = yardstick(records), "yardstick"
+        else:
+            text, block = report(records), "quality-study"
+            if args.curves:
+                text += "\n\n" + fid_curves(records, args.curves)
         print(text)
         if args.write:
-            write_block("quality-study", text)
+            write_block(args.block or block, text)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,33 @@
+"""The CPU study's pure parts (benchmarks/quality_study.py): every recipe is valid params, and the pairs table
+compares a recipe with the baseline only on the baseline's seeds."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from benchmarks.quality_study import RECIPES, against, with_overrides
+from src.params import parse_params
+
+
+def test_every_recipe_is_valid_params_over_the_shipped_file(shipped_params_text):
+    base = parse_params(yaml.safe_load(shipped_params_text))
+    for overrides in RECIPES.values():
+        with_overrides(base, overrides)  # raises on a key or value params.py refuses
+
+
+def record(recipe: str, seed: int, raw: float, palette: float) -> dict:
+    return {"recipe": recipe, "seed": seed, "iterations": 6000,
+            "eval": {"fid_raw": raw, "fid_palette": palette, "coverage_tv": 0.001, "density": 0.5, "coverage": 0.25}}
+
+
+def test_the_pairs_table_takes_means_over_the_baselines_seeds():
+    records = [record("base", 0, 100, 40), record("base", 1, 140, 60), record("new", 0, 90, 30),
+               record("new", 1, 110, 30), record("one-seed", 0, 10, 10)]
+    lines = against(records, "base").splitlines()
+    assert lines[2].startswith("| base |") and lines[2].endswith("| 120.0 / 50.0 | 0.500 / 0.250 | 1.00× / 1.00× |")
+    assert lines[3].startswith("| new | 90.0 / 30.0, 0.001, 6,000 | 110.0 / 30.0")
+    assert lines[3].endswith("| 100.0 / 30.0 | 0.500 / 0.250 | 0.83× / 0.60× |")
+    assert not any("one-seed" in line for line in lines)  # one seed is no like-for-like mean
+    with pytest.raises(ValueError, match="no scored run of 'missing'"):
+        against(records, "missing")
