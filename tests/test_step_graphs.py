@@ -82,15 +82,25 @@ def test_the_functions_a_graph_captures_equal_the_eager_step_bit_for_bit(monkeyp
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none)")
-def test_graphed_training_matches_eager_on_cuda_for_both_kinds():
-    """bf16, lazy R1 every 2nd step: each kind warms up 3 times, is captured, then replays 3 times."""
-    settings = {"r1_gamma": 1.0, "r1_every": 2, "precision": "bf16", "device": "cuda"}
+@pytest.mark.parametrize("loss", [{}, {"loss": "rpgan", "r2_gamma": 1.0}], ids=["bce-r1", "rpgan-r1-r2"])
+def test_graphed_training_matches_eager_on_cuda_for_both_kinds(loss):
+    """bf16, lazy R1 every 2nd step: each kind warms up 3 times, is captured, then replays 3 times; the penalty's
+    gamma halves after the captures (the `gamma_end_fraction` schedule), which the replays must follow."""
+    settings = {"r1_gamma": 1.0, "r1_every": 2, "precision": "bf16", "device": "cuda", **loss}
     steps = 14  # 7 of each kind
+
+    def run(trainer):
+        rows = []
+        for i in range(steps):
+            if i == 10:
+                trainer.set_gamma_scale(0.5)
+            rows.append(trainer.step().clone())
+        return torch.stack(rows).float().cpu()
+
     graphed = trainer_for(tiny(**settings), CUDA)
     eager = trainer_for(tiny(**settings, cuda_graphs=False), CUDA)
     assert graphed.graphed and not eager.graphed
-    rows_graphed = torch.stack([graphed.step().clone() for _ in range(steps)]).float().cpu()
-    rows_eager = torch.stack([eager.step().clone() for _ in range(steps)]).float().cpu()
+    rows_graphed, rows_eager = run(graphed), run(eager)
     assert set(graphed.graphs.graphs) == {R1, PLAIN}
     assert graphed.graphs.seen == {R1: 7, PLAIN: 7}  # 3 warm-ups, 1 capture, 3 replays of each
     torch.testing.assert_close(rows_graphed, rows_eager, rtol=2e-2, atol=2e-2)
