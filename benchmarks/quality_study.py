@@ -305,7 +305,8 @@ def yardstick(records: list[dict[str, Any]]) -> str:
         return "(no run scored with the evaluate metrics yet)"
     games = [k.split("/", 1)[1] for k in rows[0]["eval"] if k.startswith("coverage_share_snapshot/")]
     fmt = lambda v, d=1: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
-    head = ("| run | shipped | FID raw | FID palette | precision / recall (shipped) | density / coverage (shipped) | TV | "
+    head = ("| run | shipped | FID raw | FID palette | precision / recall (shipped) | "
+            "density / coverage (shipped) | TV | "
             + " | ".join(f"{g} share · FID (n)" for g in games) + " |")
     lines = [head, "|" + "---|" * (7 + len(games))]
     pair = lambda e, a, b: (f"{e[a]:.3f} / {e[b]:.3f}" if a in e else "–")  # noqa: E731  (older records lack some)
@@ -313,7 +314,8 @@ def yardstick(records: list[dict[str, Any]]) -> str:
         e = r["eval"]
         cells = [f"{fmt(e['coverage_share/' + g], 2)} · {fmt(e['fid_game/' + g])} ({e['count_game/' + g]})" for g in games]
         lines.append(f"| {run_label(r)} | {e['post_processing']} | {fmt(e.get('fid_raw'))} | "
-                     f"{fmt(e.get('fid_palette'))} | {pair(e, 'precision', 'recall')} | {pair(e, 'density', 'coverage')} | "
+                     f"{fmt(e.get('fid_palette'))} | {pair(e, 'precision', 'recall')} | "
+                     f"{pair(e, 'density', 'coverage')} | "
                      f"{e['coverage_tv']:.3f} | "
                      + " | ".join(cells) + " |")
     e = max((r["eval"] for r in rows), key=lambda e: "density_train_frames" in e)  # the fullest record's floors

@@ -154,7 +154,8 @@ class TrainParams(_Section):
     r2_gamma: float = Field(0.0, ge=0, description="R2: the same penalty on generated images; 0 = off")
     r1_every: int = Field(16, ge=1, description="lazy R1/R2: apply them every N steps, scaled by N (StyleGAN2)")
     gamma_end_fraction: float = Field(
-        1.0, gt=0, le=1, description="R1/R2 gamma at the run's end as a fraction of its start, by a cosine; 1 = constant"
+        1.0, gt=0, le=1, description="R1/R2 gamma at the run's end as a fraction of its start (a half cosine); "
+        "1 = constant"
     )
     d_steps: int = Field(1, ge=1, description="discriminator updates per generator update")
     d_activation: Literal["relu", "leaky_relu"] = "leaky_relu"

@@ -4,7 +4,8 @@
 same way for the shipped drawing and for the other palette drawing (`_raw` / `_palette`
 suffixes). Precision and recall are Kynkäänniemi et al.'s k-NN estimate (torch-fidelity's code);
 density and coverage are Naeem et al.'s (2020) from the same features, and `real_scale` gives all
-four for training frames in place of generated ones, the values a perfect generator would reach; game shares come from src/coverage.py's classifier; a game with fewer than `min_game_samples`
+four for training frames in place of generated ones, the values a perfect generator would reach.
+Game shares come from src/coverage.py's classifier; a game with fewer than `min_game_samples`
 generated screens gets no per-game FID (null) and a `SmallSampleWarning`. The evaluate stage
 (src/evaluate.py) draws the screens and adds the floors and counts.
 """

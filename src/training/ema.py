@@ -35,6 +35,7 @@ class EMA:
         if self.warmup <= 0:
             return self.decay
         return self.decay * min(1.0, updates / self.warmup)
+
     @torch.no_grad()
     def update(self, model: nn.Module, updates: int) -> None:
         weight = 1.0 - self.decay_at(updates)

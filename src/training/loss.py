@@ -1,4 +1,4 @@
-"""The GAN losses: D's and G's loss for each `train.loss`, the WGAN gradient penalty, R1/R2, and the names a step reports.
+"""The GAN losses: D's and G's loss for each `train.loss`, the WGAN gradient penalty, R1/R2, the names a step reports.
 
 `rpgan` is the relativistic pairing loss (Jolicoeur-Martineau 2019; with R1 and R2 the R3GAN baseline,
 Huang et al. 2024): D scores each real screen against the fake drawn beside it, D(x_i) - D(G(z_i)), so

@@ -2,12 +2,12 @@
 
 Lazy R1 (`train.r1_every` > 1) makes two kinds of step, as in StyleGAN2's phases that run every
 `interval` minibatches: a plain step, and every r1_every-th step (from the first) one that adds the
-penalties (R1, and R2 when `train.r2_gamma` > 0). A step's kind is a pure function of its index, so every kind can be captured once and the
-step replays the graph of its kind. Each kind first runs `warmup` times eagerly on a side stream
-(cuDNN picks its kernels, Adam creates its state, the double backward is seen once), is captured at
-its next step and replayed at every later one. The graphs share their static buffers - weights,
-Adam's state, the learning-rate tensors and the random generators' states, all created before
-capture and updated in place - and keep private memory pools for their intermediates, so replaying
+penalties (R1, and R2 when `train.r2_gamma` > 0). A step's kind is a pure function of its index, so every
+kind can be captured once and the step replays the graph of its kind. Each kind first runs `warmup` times
+eagerly on a side stream (cuDNN picks its kernels, Adam creates its state, the double backward is seen
+once), is captured at its next step and replayed at every later one. The graphs share their static
+buffers - weights, Adam's state, the learning-rate tensors and the random generators' states, all created
+before capture and updated in place - and keep private memory pools for their intermediates, so replaying
 one never overwrites what the other keeps between steps.
 """
 

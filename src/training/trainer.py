@@ -100,7 +100,8 @@ class GANTrainer:
         self._wrap_models(world_size)
         self.step_count = 0
         # What a graph captures: one step function per kind, reading no Python state that changes between steps.
-        self.step_fns = {kind: functools.partial(self._step, kind == R1) for kind in step_kinds(t.penalty_gamma, t.r1_every)}
+        self.step_fns = {kind: functools.partial(self._step, kind == R1)
+                         for kind in step_kinds(t.penalty_gamma, t.r1_every)}
         generators = [self.sampler.generator, self.rng]
         self.graphs = StepGraphs(device, generators, self.GRAPH_WARMUP) if self.graphed else None
 
