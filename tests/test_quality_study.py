@@ -1,9 +1,11 @@
-"""The CPU study's pure parts (benchmarks/quality_study.py): every recipe is valid params, and the pairs table
-compares a recipe with the baseline only on the baseline's seeds."""
+"""The CPU study's pure parts (benchmarks/quality_study.py, benchmarks/prc_scale.py): every recipe is valid params,
+the pairs table compares a recipe with the baseline only on the baseline's seeds, the scale table scores each set at
+each k as evaluate does."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
 
 from benchmarks.quality_study import RECIPES, against, with_overrides
@@ -31,3 +33,16 @@ def test_the_pairs_table_takes_means_over_the_baselines_seeds():
     assert not any("one-seed" in line for line in lines)  # one seed is no like-for-like mean
     with pytest.raises(ValueError, match="no scored run of 'missing'"):
         against(records, "missing")
+
+
+def test_the_scale_table_scores_each_set_at_each_k_as_evaluate_does():
+    from benchmarks.prc_scale import scores_at, table
+    from src.quality_metrics import density_coverage, precision_recall
+
+    real = torch.randn(200, 8, generator=torch.Generator().manual_seed(0))
+    fake = torch.randn(200, 8, generator=torch.Generator().manual_seed(1)) * 1.5
+    assert scores_at(fake, real, 3) == {**precision_recall(fake, real), **density_coverage(fake, real, k=3)}
+    lines = table({"a": fake, "b": real[:100]}, real, [3, 20]).splitlines()
+    assert [line.split(" | ")[:2] for line in lines[2:]] == [["| a", "3"], ["| a", "20"], ["| b", "3"], ["| b", "20"]]
+    wider = [float(x) for x in lines[3].strip("| ").split(" | ")[2:]]
+    assert wider[0] >= float(lines[2].strip("| ").split(" | ")[2])  # larger balls: precision cannot fall
