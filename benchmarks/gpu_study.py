@@ -59,9 +59,11 @@ def candidates(train: TrainParams) -> dict[str, dict[str, Any]]:
         "b128": batch_overrides(train, 128),
         "d2": {"train.d_steps": 2},
         "w48": {"model.gen_filters": 48, "model.disc_filters": 48},
-        # issue 27's R3GAN loss and schedules: RpGAN with R1 and R2 at R1's gamma, gamma falling 10x, the EMA ramp
+        # issue 27's R3GAN loss and schedules: RpGAN with R1 and R2 at R1's gamma; the same starting at 10x that gamma
+        # and falling back to it by a half cosine; the EMA ramp
         "rpgan": {"train.loss": "rpgan", "train.r2_gamma": train.r1_gamma},
-        "rpgan-gdecay": {"train.loss": "rpgan", "train.r2_gamma": train.r1_gamma, "train.gamma_end_fraction": 0.1},
+        "rpgan-gdecay": {"train.loss": "rpgan", "train.r1_gamma": 10 * train.r1_gamma,
+                         "train.r2_gamma": 10 * train.r1_gamma, "train.gamma_end_fraction": 0.1},
         "emaramp": {"train.ema_rampup": 0.05},
     }
 
