@@ -5,7 +5,7 @@ Training frames scored against the holdout in place of generated screens give th
 row is near 1 and whose generated rows differ is a usable scale; at k = 3 (evaluate's precision/recall) on
 these near-duplicate-heavy screens the real precision is itself far below 1.
 
-    python benchmarks/prc_scale.py [RUN.generator.pt ...] [--k 3 5 10 20 50 100] [--write]
+    python benchmarks/prc_scale.py [RUN.generator.pt ...] [--k 3 5 10 20 50 100] [--drawing raw] [--write]
 
 Generators are `quality_study.py run` files (`<run>.generator.pt`). Each is drawn as evaluate draws it: 2,048
 screens from the "evaluate" latent stream of its seed, raw and snapped to the 16-colour palette; their Inception
@@ -43,26 +43,28 @@ def scores_at(fake: torch.Tensor, real: torch.Tensor, k: int) -> dict[str, float
     return {"precision": pr["precision"], "recall": pr["recall"], **density_coverage(fake, real, k=k)}
 
 
-def generated_features(path: Path, extractor, snapshot) -> dict[str, torch.Tensor]:
-    """Features of a study generator's evaluate screens, raw and palette-snapped; cached beside the file."""
+def generated_features(path: Path, extractor, snapshot, drawings: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Features of a study generator's evaluate screens (`drawings`: raw, palette), cached beside the file."""
     from src.evaluate import generate
     from src.models import build_models, palette_of, snap_images
     from src.params import Params, effective
 
     cache = path.with_name(path.name.removesuffix(".generator.pt") + ".features.pt")
-    if cache.is_file():
-        return torch.load(cache, weights_only=True)
+    features = torch.load(cache, weights_only=True) if cache.is_file() else {}
+    if all(d in features for d in drawings):
+        return {d: features[d] for d in drawings}
     payload = torch.load(path, map_location="cpu", weights_only=False)
     params = effective(Params.model_validate(payload["params"]))
     generator, _ = build_models(params)
     generator.load_state_dict(payload["state_dict"])
     screens = generate(generator, SAMPLES, latent_dim=params.model.latent_dim,
                        seed=fid.latent_seed(params.seed, "evaluate"), device=torch.device("cpu"), batch_size=100)
-    snapped = snap_images(screens, palette_of(snapshot.train_images, PALETTE))
-    features = {"raw": extractor(screens, desc=f"{path.name} raw"),
-                "palette": extractor(snapped, desc=f"{path.name} palette")}
+    for drawing in drawings:
+        if drawing not in features:
+            drawn = screens if drawing == "raw" else snap_images(screens, palette_of(snapshot.train_images, PALETTE))
+            features[drawing] = extractor(drawn, desc=f"{path.name} {drawing}")
     torch.save(features, cache)
-    return features
+    return {d: features[d] for d in drawings}
 
 
 def table(sets: dict[str, torch.Tensor], real: torch.Tensor, ks: list[int]) -> str:
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("generators", nargs="*", type=Path, help="quality_study.py <run>.generator.pt files")
     parser.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_K))
+    parser.add_argument("--drawing", choices=["raw", "palette", "both"], default="both")
     parser.add_argument("--write", action="store_true", help="also write the table into benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
 
@@ -94,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     sets = {"training frames (the top of the scale)": fid.real_features(extractor, snapshot, "train", count=SAMPLES,
                                                                         cache_dir=FEATURE_CACHE)}
     for path in args.generators:
-        for drawing, features in generated_features(path, extractor, snapshot).items():
+        drawings = ("raw", "palette") if args.drawing == "both" else (args.drawing,)
+        for drawing, features in generated_features(path, extractor, snapshot, drawings).items():
             sets[f"{path.name.removesuffix('.generator.pt')}, {drawing}"] = features
     text = table(sets, real, args.k) + f"\n\n{machine()} · {SAMPLES} of each against {len(real)} holdout frames"
     print(text)
