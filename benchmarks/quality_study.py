@@ -65,7 +65,7 @@ TEXTBOOK = {"train.recipe": "custom", "model.gen_filters": 64, "model.disc_filte
 SMALL = {**TEXTBOOK, "model.gen_filters": 32, "model.disc_filters": 32, "train.batch_size": 32}
 R1_MBSTD = {**SMALL, **TUNED_LR, "train.r1_gamma": 0.1, "model.minibatch_std": 4}
 CPU_RECIPE = {**R1_MBSTD, "train.batch_size": 16, "model.conditional": True, "train.ema_decay": 0.995}
-CPU_PROFILE_RECIPE = "cpu-rpgan-r2"  # params.yaml's profiles.cpu trains this (a test checks)
+CPU_PROFILE_RECIPE = "cpu-rpgan-r2-gdecay"  # params.yaml's profiles.cpu trains this (a test checks)
 GPU_DEFAULT_RECIPE = "small-tuned-r1-mbstd-cond"  # params.yaml's top level (the gpu profile) trains this (a test checks)
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},  # params.yaml as it is
