@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from benchmarks.quality_study import FEATURE_CACHE, STUDY_SNAPSHOT  # noqa: E402
 from benchmarks.results_md import machine, write_block  # noqa: E402
 from src import fid  # noqa: E402
-from src.quality_metrics import density_coverage  # noqa: E402
+from src.quality_metrics import density_coverage, precision_recall  # noqa: E402
 
 SAMPLES = 2048
 PALETTE = 16
@@ -35,12 +35,8 @@ DEFAULT_K = (3, 5, 10, 20, 50, 100)
 
 
 def scores_at(fake: torch.Tensor, real: torch.Tensor, k: int) -> dict[str, float]:
-    """Precision/recall (torch-fidelity's k-NN estimate) and density/coverage of `fake` against `real`, one k."""
-    from torch_fidelity.metric_prc import prc_features_to_metric
-
-    pr = prc_features_to_metric(fake.float(), real.float(), prc_neighborhood=k, prc_batch_size=10000,
-                                save_cpu_ram=False, verbose=False)
-    return {"precision": pr["precision"], "recall": pr["recall"], **density_coverage(fake, real, k=k)}
+    """Precision/recall and density/coverage of `fake` against `real` at one k, as evaluate computes them."""
+    return {**precision_recall(fake, real, k=k), **density_coverage(fake, real, k=k)}
 
 
 def generated_features(path: Path, extractor, snapshot, drawings: tuple[str, ...]) -> dict[str, torch.Tensor]:

@@ -27,11 +27,11 @@ class SmallSampleWarning(UserWarning):
     pass
 
 
-def precision_recall(fake: torch.Tensor, real: torch.Tensor) -> dict:
-    """Kynkäänniemi et al. (2019) k-NN precision and recall (k = 3), torch-fidelity's implementation."""
+def precision_recall(fake: torch.Tensor, real: torch.Tensor, k: int = PRC_NEIGHBOURHOOD) -> dict:
+    """Kynkäänniemi et al. (2019) k-NN precision and recall (k = 3 by default), torch-fidelity's implementation."""
     from torch_fidelity.metric_prc import prc_features_to_metric
 
-    out = prc_features_to_metric(fake.float(), real.float(), prc_neighborhood=PRC_NEIGHBOURHOOD,
+    out = prc_features_to_metric(fake.float(), real.float(), prc_neighborhood=k,
                                  prc_batch_size=10000, save_cpu_ram=False, verbose=False)
     return {"precision": out["precision"], "recall": out["recall"]}
 
