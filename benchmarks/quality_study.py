@@ -191,7 +191,8 @@ def run_one(recipe: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
 
     name = f"{recipe}-seed{seed}"
     # With --checkpoints a run continues its own checkpoint: a longer --budget-s extends the same run,
-    # bit for bit, so one run gives every point of a time-to-quality curve.
+    # bit for bit, so one run gives every point of a time-to-quality curve. A recipe with a schedule that
+    # ends at the budget (lr_decay: linear, gamma_end_fraction < 1) starts over instead, as train does.
     checkpoint_dir = Path(args.checkpoints) / name if args.checkpoints else None
     if checkpoint_dir is not None:
         name = f"{name}-{args.budget_s:.0f}s"

@@ -162,6 +162,17 @@ def test_linear_decay_with_other_iterations_starts_over_instead_of_mixing_schedu
     assert_same_training(grown, straight)
 
 
+def test_a_gamma_schedule_with_other_iterations_starts_over_instead_of_mixing_schedules(snapshot, tmp_path, caplog):
+    train = {"loss": "rpgan", "r1_gamma": 1.0, "r2_gamma": 1.0, "gamma_end_fraction": 0.1, "r1_every": 2}
+    run_to(10, tmp_path / "grown", snapshot, **train)
+    with caplog.at_level(logging.INFO, logger="src.training"):
+        _, grown = run_to(20, tmp_path / "grown", snapshot, **train)
+    assert "ignoring checkpoint" in caplog.text and "resuming" not in caplog.text
+    assert "train.iterations 10 -> 20, which the train.gamma_end_fraction: 0.1 schedule ends at" in caplog.text
+    _, straight = run_to(20, tmp_path / "straight", snapshot, **train)
+    assert_same_training(grown, straight)
+
+
 def test_a_checkpoint_beyond_the_asked_iterations_is_refused_and_left_alone(snapshot, tmp_path):
     ckpt_dir = tmp_path / "ckpt"
     run_to(20, ckpt_dir, snapshot)

@@ -9,8 +9,9 @@ a file that would run code on loading is refused, never loaded.
 It carries the settings that change the trained weights (and their digest, the fingerprint) plus
 the snapshot's sha256: a checkpoint that does not match is ignored, and the log names the settings
 that differ. `train.iterations` and `train.time_budget_s` are left out, so raising either continues
-a run, except under `train.lr_decay: linear`, whose schedule ends at them: there another value
-starts over. A checkpoint that has already trained more iterations than asked for is refused.
+a run, except under a schedule that ends at them (`train.lr_decay: linear`, R1/R2's γ under
+`train.gamma_end_fraction` < 1): there another value starts over. A checkpoint that has already
+trained more iterations than asked for is refused.
 FIDs measured with other FID settings (`fid_settings`) are not comparable: on resume they are
 dropped, best generator included, rather than mixed when picking the best step.
 The final checkpoint is kept on purpose: rerunning a finished run writes its outputs again without
@@ -41,7 +42,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 # values of these is resumed. Device and process count enter the fingerprint resolved.
 NON_TRAINING_KEYS = ("device", "iterations", "time_budget_s", "log_every", "image_every", "checkpoint_every",
                      "fid_every", "fid_samples")
-# Where `train.lr_decay: linear` ends its schedule: under it these change every step's learning rate.
+# Where the budget schedules (`budget_schedules`) end: under one of them these change every step's lr or gamma.
 SCHEDULE_KEYS = ("iterations", "time_budget_s")
 
 
@@ -49,10 +50,21 @@ class CheckpointError(UserError):
     pass
 
 
+def budget_schedules(train: dict[str, Any]) -> list[str]:
+    """The schedules that `train` (a `train` section as plain data) runs over its iterations / time budget."""
+    schedules = []
+    if train.get("lr_decay") == "linear":
+        schedules.append("train.lr_decay: linear")
+    if train.get("gamma_end_fraction", 1.0) < 1 and train.get("r1_gamma", 0) + train.get("r2_gamma", 0) > 0:
+        schedules.append(f"train.gamma_end_fraction: {train['gamma_end_fraction']}")
+    return schedules
+
+
 def training_settings(params: Params, snapshot_sha256: str, device: torch.device, world_size: int) -> dict[str, Any]:
     """Everything that changes the trained weights (plain JSON data); equal settings may resume."""
-    schedule = SCHEDULE_KEYS if params.train.lr_decay == "linear" else ()
-    train = {k: v for k, v in params.train.model_dump().items() if k not in NON_TRAINING_KEYS or k in schedule}
+    train = params.train.model_dump()
+    schedule = SCHEDULE_KEYS if budget_schedules(train) else ()
+    train = {k: v for k, v in train.items() if k not in NON_TRAINING_KEYS or k in schedule}
     return {
         "format": CHECKPOINT_FORMAT,
         "seed": params.seed,
@@ -105,9 +117,9 @@ def settings_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
             continue
         if key == "snapshot_sha256":
             changes.append("another snapshot")
-        elif key in ("train.iterations", "train.time_budget_s") and new["train"].get("lr_decay") == "linear":
+        elif key in ("train.iterations", "train.time_budget_s") and budget_schedules(new["train"]):
             changes.append(f"{key} {a.get(key, '<not in the fingerprint>')} -> {b.get(key)}, which the "
-                           "train.lr_decay: linear schedule ends at")
+                           f"{' and '.join(budget_schedules(new['train']))} schedule ends at")
         else:
             changes.append(f"{key} {a.get(key, '<unset>')} -> {b.get(key, '<unset>')}")
     return ", ".join(changes)
