@@ -199,6 +199,22 @@ class TrainParams(_Section):
         """R1's and R2's gammas together: > 0 when a step regularises D (and D drops batch norm)."""
         return self.r1_gamma + self.r2_gamma
 
+    @property
+    def gamma_scheduled(self) -> bool:
+        """Whether R1/R2's gamma falls over the run (`gamma_end_fraction` < 1 with a penalty on)."""
+        return self.gamma_end_fraction < 1 and self.penalty_gamma > 0
+
+    @property
+    def budget_schedules(self) -> tuple[str, ...]:
+        """The schedules that end at `iterations` / `time_budget_s`, as params.yaml sets them: under one of
+        them another budget changes every step's lr or gamma, so a run cannot be extended."""
+        schedules = []
+        if self.lr_decay == "linear":
+            schedules.append("train.lr_decay: linear")
+        if self.gamma_scheduled:
+            schedules.append(f"train.gamma_end_fraction: {self.gamma_end_fraction}")
+        return tuple(schedules)
+
 
 class EvaluateParams(_Section):
     num_samples: int = Field(2_048, ge=2, description="generated images for FID; < 2048 is biased")

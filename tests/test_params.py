@@ -153,6 +153,18 @@ def test_effective_applies_the_article_recipe():
     assert article.train.iterations == custom.train.iterations and article.collect == custom.collect
 
 
+@pytest.mark.parametrize("train, schedules", [
+    ({}, ()),
+    ({"lr_decay": "linear"}, ("train.lr_decay: linear",)),
+    ({"gamma_end_fraction": 0.1, "r1_gamma": 1.0, "r2_gamma": 0.0}, ("train.gamma_end_fraction: 0.1",)),
+    ({"gamma_end_fraction": 0.1, "r1_gamma": 0.0, "r2_gamma": 0.0}, ()),  # no penalty: gamma has nothing to fall
+    ({"lr_decay": "linear", "gamma_end_fraction": 0.5, "r2_gamma": 1.0},
+     ("train.lr_decay: linear", "train.gamma_end_fraction: 0.5")),
+])
+def test_budget_schedules_name_what_ends_at_the_budget(train, schedules):
+    assert parse_params({"train": train}).train.budget_schedules == schedules
+
+
 def test_flatten_uses_dotted_keys():
     flat = flatten(Params())
     assert flat["collect.train_frames"] == Params().collect.train_frames

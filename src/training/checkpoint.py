@@ -32,7 +32,7 @@ import torch
 
 from src.atomic import UnsafeFileError, load_torch_plain, save_torch_atomic
 from src.errors import UserError
-from src.params import Params
+from src.params import Params, TrainParams
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 # values of these is resumed. Device and process count enter the fingerprint resolved.
 NON_TRAINING_KEYS = ("device", "iterations", "time_budget_s", "log_every", "image_every", "checkpoint_every",
                      "fid_every", "fid_samples")
-# Where the budget schedules (`budget_schedules`) end: under one of them these change every step's lr or gamma.
+# Where the budget schedules (`TrainParams.budget_schedules`) end: under one of them these change every step's lr or gamma.
 SCHEDULE_KEYS = ("iterations", "time_budget_s")
 
 
@@ -50,21 +50,10 @@ class CheckpointError(UserError):
     pass
 
 
-def budget_schedules(train: dict[str, Any]) -> list[str]:
-    """The schedules that `train` (a `train` section as plain data) runs over its iterations / time budget."""
-    schedules = []
-    if train.get("lr_decay") == "linear":
-        schedules.append("train.lr_decay: linear")
-    if train.get("gamma_end_fraction", 1.0) < 1 and train.get("r1_gamma", 0) + train.get("r2_gamma", 0) > 0:
-        schedules.append(f"train.gamma_end_fraction: {train['gamma_end_fraction']}")
-    return schedules
-
-
 def training_settings(params: Params, snapshot_sha256: str, device: torch.device, world_size: int) -> dict[str, Any]:
     """Everything that changes the trained weights (plain JSON data); equal settings may resume."""
-    train = params.train.model_dump()
-    schedule = SCHEDULE_KEYS if budget_schedules(train) else ()
-    train = {k: v for k, v in train.items() if k not in NON_TRAINING_KEYS or k in schedule}
+    schedule = SCHEDULE_KEYS if params.train.budget_schedules else ()
+    train = {k: v for k, v in params.train.model_dump().items() if k not in NON_TRAINING_KEYS or k in schedule}
     return {
         "format": CHECKPOINT_FORMAT,
         "seed": params.seed,
@@ -111,15 +100,16 @@ def settings_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
     if not isinstance(old, dict):
         return "settings not recorded"
     a, b = _flat(old), _flat(new)
+    schedules = TrainParams.model_validate(new["train"]).budget_schedules
     changes = []
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<unset>") == b.get(key, "<unset>"):
             continue
         if key == "snapshot_sha256":
             changes.append("another snapshot")
-        elif key in ("train.iterations", "train.time_budget_s") and budget_schedules(new["train"]):
+        elif key in ("train.iterations", "train.time_budget_s") and schedules:
             changes.append(f"{key} {a.get(key, '<not in the fingerprint>')} -> {b.get(key)}, which the "
-                           f"{' and '.join(budget_schedules(new['train']))} schedule ends at")
+                           f"{' and '.join(schedules)} schedule ends at")
         else:
             changes.append(f"{key} {a.get(key, '<unset>')} -> {b.get(key, '<unset>')}")
     return ", ".join(changes)

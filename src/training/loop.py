@@ -245,7 +245,7 @@ class _Run:
         while self.step < t.iterations:
             if t.lr_decay == "linear":
                 self.trainer.set_lr_scale(lr_scale(self.step, t.iterations, self.clock.elapsed(), t.time_budget_s))
-            if t.gamma_end_fraction < 1 and t.penalty_gamma > 0:
+            if t.gamma_scheduled:
                 done = done_fraction(self.step, t.iterations, self.clock.elapsed(), t.time_budget_s)
                 self.trainer.set_gamma_scale(cosine_scale(done, t.gamma_end_fraction))
             losses = self.trainer.step()
