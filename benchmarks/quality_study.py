@@ -155,15 +155,16 @@ def with_overrides(params: Params, overrides: dict[str, Any]) -> Params:
 def study_params(base: Params, recipe: str, seed: int, budget_s: float | None, fid_every: int, fid_samples: int,
                  samples: int, device: str = "cpu", iterations: int | None = None,
                  inception_weights: str | None = None) -> Params:
-    """The recipe's params for one study run: a time budget, or (`iterations`) a step budget instead."""
-    return with_overrides(base, {
+    """The recipe's params for one study run, as they run (`effective`, which train_gan insists on): a time
+    budget, or (`iterations`) a step budget instead."""
+    return effective(with_overrides(base, {
         **RECIPES[recipe],
         "seed": seed, "train.device": device, "train.iterations": iterations or 10**9,
         "train.time_budget_s": None if iterations else budget_s,
         "train.fid_every": fid_every, "train.fid_samples": fid_samples, "train.log_every": 100,
         "train.image_every": 10**9, "train.checkpoint_every": 10**9, "evaluate.num_samples": samples,
         "evaluate.device": device, "evaluate.inception_weights": inception_weights,
-    })
+    }))
 
 
 def run_one(recipe: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -199,8 +200,7 @@ def run_one(recipe: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     result = train_gan(params, snapshot, checkpoint_dir=checkpoint_dir, fid_fn=fid_fn, progress=False)
     # --fid-every 0 keeps no best step: the run is scored on its last eval generator.
     kept = result.best_state or {k: v.detach().cpu() for k, v in result.eval_generator.state_dict().items()}
-    ran = effective(params)
-    generator, _ = build_models(ran)
+    generator, _ = build_models(params)
     generator.load_state_dict(kept)
     generator.to(device)
     extractor = InceptionFeatures(resolve_inception_weights(args.inception_weights), device=device, batch_size=100)
@@ -218,7 +218,7 @@ def run_one(recipe: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         "recipe": recipe,
         "seed": seed,
         "overrides": RECIPES[recipe],
-        "settings": {"model": ran.model.model_dump(), "train": ran.train.model_dump()},
+        "settings": {"model": params.model.model_dump(), "train": params.train.model_dump()},
         "date": dt.date.today().isoformat(),
         "machine": machine(device),
         "device": str(device),

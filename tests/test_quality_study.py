@@ -8,14 +8,23 @@ import pytest
 import torch
 import yaml
 
-from benchmarks.quality_study import RECIPES, against, with_overrides
-from src.params import parse_params
+from benchmarks.quality_study import RECIPES, against, study_params, with_overrides
+from src.params import effective, parse_params
 
 
 def test_every_recipe_is_valid_params_over_the_shipped_file(shipped_params_text):
     base = parse_params(yaml.safe_load(shipped_params_text))
     for overrides in RECIPES.values():
         with_overrides(base, overrides)  # raises on a key or value params.py refuses
+
+
+@pytest.mark.parametrize("recipe", ["article", "cpu-rpgan-r2-gdecay"])
+def test_a_study_run_gets_the_params_as_they_run(shipped_params_text, recipe):
+    """train_gan refuses params that `effective` would still change (the article recipe's settings)."""
+    base = parse_params(yaml.safe_load(shipped_params_text))
+    params = study_params(base, recipe, seed=0, budget_s=600, fid_every=500, fid_samples=250, samples=2048)
+    assert effective(params) == params
+    assert params.train.time_budget_s == 600 and params.seed == 0
 
 
 def record(recipe: str, seed: int, raw: float, palette: float) -> dict:
