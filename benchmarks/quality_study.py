@@ -65,6 +65,9 @@ TEXTBOOK = {"train.recipe": "custom", "model.gen_filters": 64, "model.disc_filte
 SMALL = {**TEXTBOOK, "model.gen_filters": 32, "model.disc_filters": 32, "train.batch_size": 32}
 R1_MBSTD = {**SMALL, **TUNED_LR, "train.r1_gamma": 0.1, "model.minibatch_std": 4}
 CPU_RECIPE = {**R1_MBSTD, "train.batch_size": 16, "model.conditional": True, "train.ema_decay": 0.995}
+# RpGAN + R1 + R2 with gamma 10x the constant run's, falling by a half cosine to 0.1, as R3GAN decays it
+CPU_RPGAN_GDECAY = {**CPU_RECIPE, "train.loss": "rpgan", "train.r1_gamma": 1.0, "train.r2_gamma": 1.0,
+                    "train.gamma_end_fraction": 0.1}
 CPU_PROFILE_RECIPE = "cpu-rpgan-r2-gdecay"  # params.yaml's profiles.cpu trains this (a test checks)
 GPU_DEFAULT_RECIPE = "small-tuned-r1-mbstd-cond"  # params.yaml's top level (the gpu profile) trains this (a test checks)
 RECIPES: dict[str, dict[str, Any]] = {
@@ -135,11 +138,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     "small-tuned-r1-mbstd-b8": {**R1_MBSTD, "train.batch_size": 8},
     # Sixth round (issue 27): the R3GAN baseline's loss and schedules, and augmentation, on the cpu profile's recipe.
     "cpu-rpgan-r2": {**CPU_RECIPE, "train.loss": "rpgan", "train.r2_gamma": 0.1},  # RpGAN + R1 + R2, gamma 0.1
-    # gamma starts 10x higher and falls by a half cosine to the constant run's 0.1, as R3GAN decays it
-    "cpu-rpgan-r2-gdecay": {**CPU_RECIPE, "train.loss": "rpgan", "train.r1_gamma": 1.0, "train.r2_gamma": 1.0,
-                            "train.gamma_end_fraction": 0.1},
+    "cpu-rpgan-r2-gdecay": CPU_RPGAN_GDECAY,
     "cpu-emaramp": {**CPU_RECIPE, "train.ema_rampup": 0.05},  # StyleGAN2-ADA's EMA ramp in images
     "cpu-aug": {**CPU_RECIPE, "train.augment": "translation,color"},  # DiffAugment
+    # Seventh round (issue 27): R3GAN's other schedules on the cpu profile's recipe. Both learning rates fall
+    # linearly to 0 at the budget; or the EMA horizon grows with the run (half-life 5% of the images seen, up to
+    # EMA 0.999's: the whole of a 10-minute run, where 0.995 stays at ~2,200 images from ~2,800 steps on).
+    "cpu-rpgan-r2-gdecay-lrdecay": {**CPU_RPGAN_GDECAY, "train.lr_decay": "linear"},
+    "cpu-rpgan-r2-gdecay-emaramp": {**CPU_RPGAN_GDECAY, "train.ema_decay": 0.999, "train.ema_rampup": 0.05},
 }
 
 
