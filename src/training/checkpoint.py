@@ -42,7 +42,8 @@ CHECKPOINT_NAME = "checkpoint.pt"
 # values of these is resumed. Device and process count enter the fingerprint resolved.
 NON_TRAINING_KEYS = ("device", "iterations", "time_budget_s", "log_every", "image_every", "checkpoint_every",
                      "fid_every", "fid_samples")
-# Where the budget schedules (`TrainParams.budget_schedules`) end: under one of them these change every step's lr or gamma.
+# Where the budget schedules (`TrainParams.budget_schedules`) end: under one of them these change every
+# step's lr or gamma.
 SCHEDULE_KEYS = ("iterations", "time_budget_s")
 
 
