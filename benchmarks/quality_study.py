@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
                      help="print the like-for-like table of runs scored with the full evaluate metrics instead")
     rep.add_argument("--plot", default=None, help="print the time-to-quality table instead and draw it into this "
                                                   "PNG (runs with a --budget-s; an extended run wins)")
-    rep.add_argument("--recipe", action="append", help="with --plot: only this recipe (repeatable; default all)")
+    rep.add_argument("--recipe", action="append", help="with --plot or --against: only this recipe (repeatable; default all)")
     rep.add_argument("--against", default=None, metavar="RECIPE",
                      help="print each recipe against this one, seed by seed, instead (runs made as pairs)")
     rep.add_argument("--block", default=None, help="with --write: the RESULTS.md block to write (default: the "
@@ -475,7 +475,8 @@ def main(argv: list[str] | None = None) -> None:
             text, block = plot_curves(records, Path(args.plot), args.recipe), "time-to-quality"
         elif args.against:
             try:
-                text, block = against(records, args.against), "against"
+                kept = [r for r in records if not args.recipe or r["recipe"] in {*args.recipe, args.against}]
+                text, block = against(kept, args.against), "against"
             except ValueError as exc:
                 parser.error(str(exc))
         elif args.yardstick:
