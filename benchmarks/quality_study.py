@@ -143,7 +143,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "cpu-aug": {**CPU_RECIPE, "train.augment": "translation,color"},  # DiffAugment
     # Seventh round (issue 27): R3GAN's other schedules on the cpu profile's recipe. Both learning rates fall
     # linearly to 0 at the budget; or the EMA horizon grows with the run (half-life 5% of the images seen, up to
-    # EMA 0.999's: the whole of a 10-minute run, where 0.995 stays at ~2,200 images from ~2,800 steps on).
+    # EMA 0.999's: ~4,500 images at the end of 10 minutes, where the profile's 0.995 holds ~2,200 after warmup).
     "cpu-rpgan-r2-gdecay-lrdecay": {**CPU_RPGAN_GDECAY, "train.lr_decay": "linear"},
     "cpu-rpgan-r2-gdecay-emaramp": {**CPU_RPGAN_GDECAY, "train.ema_decay": 0.999, "train.ema_rampup": 0.05},
 }
@@ -452,7 +452,8 @@ def main(argv: list[str] | None = None) -> None:
                      help="print the like-for-like table of runs scored with the full evaluate metrics instead")
     rep.add_argument("--plot", default=None, help="print the time-to-quality table instead and draw it into this "
                                                   "PNG (runs with a --budget-s; an extended run wins)")
-    rep.add_argument("--recipe", action="append", help="with --plot or --against: only this recipe (repeatable; default all)")
+    rep.add_argument("--recipe", action="append",
+                     help="with --plot or --against: only this recipe (repeatable; default all)")
     rep.add_argument("--against", default=None, metavar="RECIPE",
                      help="print each recipe against this one, seed by seed, instead (runs made as pairs)")
     rep.add_argument("--block", default=None, help="with --write: the RESULTS.md block to write (default: the "
