@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from benchmarks.quality_study import RECIPES, against, study_params, with_overrides
+from benchmarks.quality_study import CPU_PROFILE_RECIPE, RECIPES, against, study_params, with_overrides
 from src.params import effective, parse_params
 
 
@@ -18,7 +18,7 @@ def test_every_recipe_is_valid_params_over_the_shipped_file(shipped_params_text)
         with_overrides(base, overrides)  # raises on a key or value params.py refuses
 
 
-@pytest.mark.parametrize("recipe", ["article", "cpu-rpgan-r2-gdecay"])
+@pytest.mark.parametrize("recipe", ["article", CPU_PROFILE_RECIPE])
 def test_a_study_run_gets_the_params_as_they_run(shipped_params_text, recipe):
     """train_gan refuses params that `effective` would still change (the article recipe's settings)."""
     base = parse_params(yaml.safe_load(shipped_params_text))
