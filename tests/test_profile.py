@@ -62,6 +62,7 @@ def test_bad_profile_values_are_refused_when_params_load(profiles, named):
         parse_params({"profiles": profiles})
 
 
+@pytest.mark.shipped
 def test_the_shipped_cpu_profile_is_valid_and_smaller(shipped_params_text):
     shipped = parse_params(yaml.safe_load(shipped_params_text))
     cpu = with_profile(shipped, "cpu")
@@ -96,6 +97,7 @@ def test_load_run_params_resolves_everything(tmp_path, monkeypatch):
     assert ran.train.fid_every == 25 // AUTO_POINTS and ran.train.batch_size == 16  # article recipe applied
 
 
+@pytest.mark.shipped
 @pytest.mark.parametrize("profile_name", ["cpu", "gpu"])
 def test_each_shipped_profile_trains_the_recipe_the_study_measured(shipped_params_text, profile_name):
     # The README's figures for each budget are the quality study's runs of that budget's recipe.
