@@ -152,7 +152,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "cpu-rpgan-r2-gdecay-ema99": {**CPU_RPGAN_GDECAY, "train.ema_decay": 0.99},
     # Ninth round: G's lr doubled (the tuner chose both lrs for bce without R1; the cpu profile since 2026-12-05),
     # or gamma falling from 3.0 instead of 1.0 to the same 0.1.
-    "cpu-rpgan-r2-gdecay-lrg2x": {**CPU_RPGAN_GDECAY, "train.lr_g": 5.48e-4},
+    "cpu-rpgan-r2-gdecay-lrg2x": {**CPU_RPGAN_GDECAY, "train.lr_g": 2 * TUNED_LR["train.lr_g"]},
     "cpu-rpgan-r2-g3decay": {**CPU_RPGAN_GDECAY, "train.r1_gamma": 3.0, "train.r2_gamma": 3.0,
                              "train.gamma_end_fraction": 1 / 30},
 }
