@@ -50,6 +50,8 @@ def batch_overrides(train: TrainParams, batch: int) -> dict[str, Any]:
 
 def candidates(train: TrainParams) -> dict[str, dict[str, Any]]:
     """Each candidate as overrides of the gpu profile (params.yaml's top level)."""
+    rpgan_gdecay = {"train.loss": "rpgan", "train.r1_gamma": 10 * train.r1_gamma,
+                    "train.r2_gamma": 10 * train.r1_gamma, "train.gamma_end_fraction": 0.1}
     return {
         "default": {},
         "article": {"train.recipe": "article"},
@@ -60,10 +62,11 @@ def candidates(train: TrainParams) -> dict[str, dict[str, Any]]:
         "d2": {"train.d_steps": 2},
         "w48": {"model.gen_filters": 48, "model.disc_filters": 48},
         # issue 27's R3GAN loss and schedules: RpGAN with R1 and R2 at R1's gamma; the same starting at 10x that gamma
-        # and falling back to it by a half cosine; the EMA ramp
+        # and falling back to it by a half cosine; that with G's lr doubled (the cpu profile's loss and rates);
+        # the EMA ramp
         "rpgan": {"train.loss": "rpgan", "train.r2_gamma": train.r1_gamma},
-        "rpgan-gdecay": {"train.loss": "rpgan", "train.r1_gamma": 10 * train.r1_gamma,
-                         "train.r2_gamma": 10 * train.r1_gamma, "train.gamma_end_fraction": 0.1},
+        "rpgan-gdecay": rpgan_gdecay,
+        "rpgan-gdecay-lrg2x": {**rpgan_gdecay, "train.lr_g": 2 * train.lr_g},
         "emaramp": {"train.ema_rampup": 0.05},
     }
 

@@ -84,3 +84,15 @@ def test_a_longer_run_saves_the_generator_as_it_stood_at_each_earlier_budget():
     saved = [(s["at_s"], s["iterations"], s["train_seconds"]) for s in saves.saved]
     assert saved == [(45.0, 100, 50.0), (90.0, 200, 100.0)]
     assert [float(s["state"]["weight"][0, 0]) for s in saves.saved] == [100.0, 200.0]  # copies, not the live weights
+
+
+@pytest.mark.shipped
+def test_the_gpu_candidate_of_the_cpu_recipe_trains_the_cpu_profiles_loss_and_rates(shipped_params_text):
+    # docs/gpu.md offers `rpgan-gdecay-lrg2x` as the cpu profile's recipe carried to the GPU's batch and width.
+    from src.params import with_profile
+
+    shipped = parse_params(yaml.safe_load(shipped_params_text))
+    keys = ("loss", "r1_gamma", "r2_gamma", "gamma_end_fraction", "r1_every", "lr_g", "lr_d", "beta1", "beta2")
+    cpu = with_profile(shipped, "cpu").train.model_dump(include=set(keys))
+    gpu = run_params(shipped, "rpgan-gdecay-lrg2x", seed=0, budget_s=90, device="cpu").train
+    assert gpu.model_dump(include=set(keys)) == cpu
