@@ -11,7 +11,7 @@ import yaml
 
 from benchmarks.bench_recipes import window_iterations
 from benchmarks.gpu_study import SavesAt, batch_overrides, candidates, run_params, share_gap, table
-from src.params import TrainParams, parse_params
+from src.params import TrainParams, parse_params, with_profile
 from tests.conftest import tiny
 from tests.test_step_graphs import trainer_for
 
@@ -89,8 +89,6 @@ def test_a_longer_run_saves_the_generator_as_it_stood_at_each_earlier_budget():
 @pytest.mark.shipped
 def test_the_gpu_candidate_of_the_cpu_recipe_trains_the_cpu_profiles_loss_and_rates(shipped_params_text):
     # docs/gpu.md offers `rpgan-gdecay-lrg2x` as the cpu profile's recipe carried to the GPU's batch and width.
-    from src.params import with_profile
-
     shipped = parse_params(yaml.safe_load(shipped_params_text))
     keys = ("loss", "r1_gamma", "r2_gamma", "gamma_end_fraction", "r1_every", "lr_g", "lr_d", "beta1", "beta2")
     cpu = with_profile(shipped, "cpu").train.model_dump(include=set(keys))
