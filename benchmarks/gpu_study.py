@@ -63,11 +63,13 @@ def candidates(train: TrainParams) -> dict[str, dict[str, Any]]:
         "w48": {"model.gen_filters": 48, "model.disc_filters": 48},
         # issue 27's R3GAN loss and schedules: RpGAN with R1 and R2 at R1's gamma; the same starting at 10x that gamma
         # and falling back to it by a half cosine; that with G's lr doubled (the cpu profile's loss and rates);
-        # the EMA ramp
+        # the EMA ramp; G painting softmax mixes of the palette, alone and on the cpu profile's loss and rates
         "rpgan": {"train.loss": "rpgan", "train.r2_gamma": train.r1_gamma},
         "rpgan-gdecay": rpgan_gdecay,
         "rpgan-gdecay-lrg2x": {**rpgan_gdecay, "train.lr_g": 2 * train.lr_g},
         "emaramp": {"train.ema_rampup": 0.05},
+        "palhead": {"model.palette_head": "soft"},
+        "rpgan-gdecay-lrg2x-palhead": {**rpgan_gdecay, "train.lr_g": 2 * train.lr_g, "model.palette_head": "soft"},
     }
 
 

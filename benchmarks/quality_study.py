@@ -14,6 +14,7 @@ and a sample grid beside it; `report` turns those files into the table of benchm
     python benchmarks/quality_study.py report [--write]
     python benchmarks/quality_study.py report --yardstick --results-dir DIR [--write]   # like-for-like table
     python benchmarks/quality_study.py report --against RECIPE --results-dir DIR [--write --block NAME]  # pairs
+    python benchmarks/quality_study.py report --against RECIPE --budget-s 3600 --results-dir DIR  # pairs at 60 min
     python benchmarks/quality_study.py run article --budget-s 600 --checkpoints DIR  # then 1800, 3600: one run, extended
     python benchmarks/quality_study.py report --plot curves.png --results-dir DIR [--recipe R ...] [--write]
 
@@ -68,6 +69,7 @@ CPU_RECIPE = {**R1_MBSTD, "train.batch_size": 16, "model.conditional": True, "tr
 # RpGAN + R1 + R2 with gamma 10x the constant run's, falling by a half cosine to 0.1, as R3GAN decays it
 CPU_RPGAN_GDECAY = {**CPU_RECIPE, "train.loss": "rpgan", "train.r1_gamma": 1.0, "train.r2_gamma": 1.0,
                     "train.gamma_end_fraction": 0.1}
+CPU_RPGAN_GDECAY_LRG2X = {**CPU_RPGAN_GDECAY, "train.lr_g": 2 * TUNED_LR["train.lr_g"]}
 CPU_PROFILE_RECIPE = "cpu-rpgan-r2-gdecay-lrg2x"  # params.yaml's profiles.cpu trains this (a test checks)
 GPU_DEFAULT_RECIPE = "small-tuned-r1-mbstd-cond"  # params.yaml's top level (the gpu profile) trains this (a test checks)
 RECIPES: dict[str, dict[str, Any]] = {
@@ -152,9 +154,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     "cpu-rpgan-r2-gdecay-ema99": {**CPU_RPGAN_GDECAY, "train.ema_decay": 0.99},
     # Ninth round: G's lr doubled (the tuner chose both lrs for bce without R1; the cpu profile since 2026-12-05),
     # or gamma falling from 3.0 instead of 1.0 to the same 0.1.
-    "cpu-rpgan-r2-gdecay-lrg2x": {**CPU_RPGAN_GDECAY, "train.lr_g": 2 * TUNED_LR["train.lr_g"]},
+    "cpu-rpgan-r2-gdecay-lrg2x": CPU_RPGAN_GDECAY_LRG2X,
     "cpu-rpgan-r2-g3decay": {**CPU_RPGAN_GDECAY, "train.r1_gamma": 3.0, "train.r2_gamma": 3.0,
                              "train.gamma_end_fraction": 1 / 30},
+    # Tenth round (60 and 10 minutes): G paints each pixel as a softmax mix of the 16 palette colours (raw FID
+    # stalled near 78 from 30 to 60 minutes while the same generator snapped to the palette scored ~19).
+    "cpu-rpgan-r2-gdecay-lrg2x-palhead": {**CPU_RPGAN_GDECAY_LRG2X, "model.palette_size": 16,
+                                          "model.palette_head": "soft"},
 }
 
 
@@ -345,14 +351,16 @@ def yardstick(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def against(records: list[dict[str, Any]], baseline: str) -> str:
+def against(records: list[dict[str, Any]], baseline: str, budget_s: float | None = None) -> str:
     """Each recipe against `baseline` seed by seed (runs that shared the machine as a pair), raw / palette FID.
 
     A row lists every seed's raw / palette FID, TV and iterations, the means, density / coverage (means) and
-    the ratio of the means to the baseline's."""
+    the ratio of the means to the baseline's. By default the runs of one budget each (not checkpointed);
+    `budget_s` takes the runs at that budget instead, checkpointed ones included (one record per seed each)."""
     by_recipe: dict[str, dict[int, dict[str, Any]]] = {}
     for r in records:
-        if "eval" in r and not r.get("checkpointed"):
+        at_budget = not r.get("checkpointed") if budget_s is None else r.get("budget_s") == budget_s
+        if "eval" in r and at_budget:
             by_recipe.setdefault(r["recipe"], {})[r["seed"]] = r["eval"] | {"iterations": r["iterations"]}
     mean = lambda runs, key: statistics.mean(e[key] for e in runs.values())  # noqa: E731
     if baseline not in by_recipe:
@@ -465,6 +473,9 @@ def main(argv: list[str] | None = None) -> None:
                      help="with --plot or --against: only this recipe (repeatable; default all)")
     rep.add_argument("--against", default=None, metavar="RECIPE",
                      help="print each recipe against this one, seed by seed, instead (runs made as pairs)")
+    rep.add_argument("--budget-s", type=float, default=None,
+                     help="with --against: the runs at this --budget-s, checkpointed ones included (the curves' "
+                          "points; by default the runs not checkpointed)")
     rep.add_argument("--block", default=None, help="with --write: the RESULTS.md block to write (default: the "
                                                    "table's own: quality-study, yardstick or time-to-quality)")
     rep.add_argument("--results-dir", action="append", help="where the runs' json files are (repeatable; default "
@@ -486,7 +497,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.against:
             try:
                 kept = [r for r in records if not args.recipe or r["recipe"] in {*args.recipe, args.against}]
-                text, block = against(kept, args.against), "against"
+                text, block = against(kept, args.against, args.budget_s), "against"
             except ValueError as exc:
                 parser.error(str(exc))
         elif args.yardstick:

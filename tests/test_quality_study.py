@@ -27,8 +27,8 @@ def test_a_study_run_gets_the_params_as_they_run(shipped_params_text, recipe):
     assert params.train.time_budget_s == 600 and params.seed == 0
 
 
-def record(recipe: str, seed: int, raw: float, palette: float) -> dict:
-    return {"recipe": recipe, "seed": seed, "iterations": 6000,
+def record(recipe: str, seed: int, raw: float, palette: float, budget_s: float = 600, **extra) -> dict:
+    return {"recipe": recipe, "seed": seed, "iterations": 6000, "budget_s": budget_s, **extra,
             "eval": {"fid_raw": raw, "fid_palette": palette, "coverage_tv": 0.001, "density": 0.5, "coverage": 0.25}}
 
 
@@ -42,6 +42,20 @@ def test_the_pairs_table_takes_means_over_the_baselines_seeds():
     assert not any("one-seed" in line for line in lines)  # one seed is no like-for-like mean
     with pytest.raises(ValueError, match="no scored run of 'missing'"):
         against(records, "missing")
+
+
+def test_the_pairs_table_at_a_budget_pairs_the_checkpointed_runs_reaching_it():
+    curve = lambda recipe, seed, raw, budget_s: record(recipe, seed, raw, raw / 4, budget_s,  # noqa: E731
+                                                       checkpointed=True)
+    records = [curve("base", 0, 80, 3600), curve("base", 1, 80, 3600), curve("base", 0, 100, 600),
+               curve("base", 1, 100, 600), curve("new", 0, 60, 3600), curve("new", 1, 60, 3600),
+               record("new", 0, 1, 1), record("new", 1, 1, 1)]
+    lines = against(records, "base", budget_s=3600).splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| base", "| new"]
+    assert lines[2].endswith("| 80.0 / 20.0 | 0.500 / 0.250 | 1.00× / 1.00× |")
+    assert lines[3].endswith("| 60.0 / 15.0 | 0.500 / 0.250 | 0.75× / 0.75× |")
+    with pytest.raises(ValueError, match="no scored run of 'base'"):
+        against(records, "base")  # without a budget only the runs not checkpointed, and base has none
 
 
 def test_the_scale_table_scores_each_set_at_each_k_as_evaluate_does():
