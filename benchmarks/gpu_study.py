@@ -52,6 +52,7 @@ def candidates(train: TrainParams) -> dict[str, dict[str, Any]]:
     """Each candidate as overrides of the gpu profile (params.yaml's top level)."""
     rpgan_gdecay = {"train.loss": "rpgan", "train.r1_gamma": 10 * train.r1_gamma,
                     "train.r2_gamma": 10 * train.r1_gamma, "train.gamma_end_fraction": 0.1}
+    cpu_loss_and_rates = {**rpgan_gdecay, "train.lr_g": 2 * train.lr_g}  # the cpu profile's, as of 2026-12-05
     return {
         "default": {},
         "article": {"train.recipe": "article"},
@@ -66,10 +67,10 @@ def candidates(train: TrainParams) -> dict[str, dict[str, Any]]:
         # the EMA ramp; G painting softmax mixes of the palette, alone and on the cpu profile's loss and rates
         "rpgan": {"train.loss": "rpgan", "train.r2_gamma": train.r1_gamma},
         "rpgan-gdecay": rpgan_gdecay,
-        "rpgan-gdecay-lrg2x": {**rpgan_gdecay, "train.lr_g": 2 * train.lr_g},
+        "rpgan-gdecay-lrg2x": cpu_loss_and_rates,
         "emaramp": {"train.ema_rampup": 0.05},
         "palhead": {"model.palette_head": "soft"},
-        "rpgan-gdecay-lrg2x-palhead": {**rpgan_gdecay, "train.lr_g": 2 * train.lr_g, "model.palette_head": "soft"},
+        "rpgan-gdecay-lrg2x-palhead": {**cpu_loss_and_rates, "model.palette_head": "soft"},
     }
 
 
