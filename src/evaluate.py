@@ -5,7 +5,7 @@ checkpoint by training-time FID if there is one, else the EMA copy, else the las
 refuses one trained on another snapshot, draws `evaluate.num_samples` screens from their own latent
 stream (not the one that picked the best step) and writes `metrics/eval.json`: FID and KID against
 the holdout frames; with a palette, the same latents drawn without it (`fid_raw`) or with it
-(`fid_palette`) and the palette-snapped training frames' FID (`fid_floor_palette`); the FID of as
+(`fid_palette`) and the palette-snapped training frames' FID (`fid_floor_palette`, and per game); the FID of as
 many training frames against the holdout (what a perfect generator would score with this snapshot
 and sample count); precision/recall and density/coverage, with the same four for those training frames
 (`*_train_frames`: the top of their scale); the share of screens a game classifier (src/coverage.py)
@@ -123,6 +123,17 @@ def check_snapshot(recorded: str | None, snapshot: Snapshot, generator_path: Pat
         )
 
 
+def game_floors(games: list[str], holdout: torch.Tensor, holdout_labels: np.ndarray, train: torch.Tensor,
+                train_labels: np.ndarray, device: str | torch.device = "cpu") -> dict[str, float | None]:
+    """What a perfect generator would score per game at these counts: each game's training frames (features
+    `train`, raw or palette-snapped) against its holdout frames; None where a game has fewer than 2 of either."""
+    floors = {}
+    for g, game in enumerate(games):
+        mine, real = train[torch.from_numpy(train_labels == g)], holdout[torch.from_numpy(holdout_labels == g)]
+        floors[game] = fid.fid_from_features(real, mine, device=device) if len(mine) >= 2 and len(real) >= 2 else None
+    return floors
+
+
 def evaluate_generator(generator: nn.Module, snapshot: Snapshot, extractor: inception.InceptionFeatures, *,
                        latent_dim: int, num_samples: int, kid_subset_size: int, seed: int,
                        batch_size: int = 100, cache_dir: Path | None = None, palette_size: int = 0,
@@ -183,11 +194,9 @@ def evaluate_generator(generator: nn.Module, snapshot: Snapshot, extractor: ince
     train_index = fid.real_selection(len(snapshot.train_images), len(fake))
     train_labels = np.asarray(snapshot.train_labels)
     train_labels = train_labels if train_index is None else train_labels[train_index]
-    for g, game in enumerate(games):  # what a perfect generator would score per game, at these counts
-        mine = torch.from_numpy(train_labels == g)
-        real = holdout[torch.from_numpy(holdout_labels == g)]
-        metrics[f"fid_game_floor/{game}"] = (fid.fid_from_features(real, train[mine], device=extractor.device)
-                                             if int(mine.sum()) >= 2 and len(real) >= 2 else None)
+    floors = dict(games=games, holdout=holdout, holdout_labels=holdout_labels, train_labels=train_labels,
+                  device=extractor.device)
+    metrics.update({f"fid_game_floor/{game}": v for game, v in game_floors(train=train, **floors).items()})
     if other is not None:
         other_features = extractor(other, desc=f"Inception features (generated, {other_suffix[1:]})")
         metrics.update(set_metrics(other_features, other, holdout, **common, suffix=other_suffix))
@@ -196,6 +205,7 @@ def evaluate_generator(generator: nn.Module, snapshot: Snapshot, extractor: ince
         # Both drawings under their own names, whichever one is shipped: like-for-like tables read these.
         metrics["fid_palette" if shipped_palette else "fid_raw"] = metrics["fid"]
         metrics["fid_floor_palette"] = fid.fid_from_features(holdout, snapped, device=extractor.device)
+        metrics.update({f"fid_game_floor_palette/{game}": v for game, v in game_floors(train=snapped, **floors).items()})
     for g, game in enumerate(games):
         metrics[f"coverage_share_snapshot/{game}"] = float(coverage.shares(holdout_labels, len(games))[g])
     metrics.update({

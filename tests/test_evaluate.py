@@ -120,6 +120,17 @@ def test_best_training_fid_from_csv(tmp_path):
     assert ev.best_training_fid(csv_file) == {"best_train_step": 1000, "best_train_fid": 250.25}
 
 
+def test_each_games_floor_scores_that_games_training_frames_against_its_holdout_frames():
+    generator = torch.Generator().manual_seed(0)
+    holdout = torch.randn(40, 8, generator=generator, dtype=torch.float64)
+    holdout_labels = np.repeat([0, 1], 20)
+    train = torch.cat([holdout[:20], holdout[20:] + 3.0])  # game a: its holdout frames; game b: shifted by 3
+    floors = ev.game_floors(["a", "b", "c"], holdout, holdout_labels, train, holdout_labels)
+    assert floors["a"] == pytest.approx(0.0, abs=1e-6)
+    assert floors["b"] == pytest.approx(8 * 3.0**2, rel=1e-6)  # equal covariances: the squared mean shift
+    assert floors["c"] is None  # no frames of that game: no floor, not a number
+
+
 def test_evaluate_writes_metrics_and_grid(atari_workdir, hub_weights):
     workdir = atari_workdir
     weights = hub_weights
@@ -168,6 +179,9 @@ def test_evaluate_writes_metrics_and_grid(atari_workdir, hub_weights):
             assert (scored is None) == (count < 3) and (scored is None or np.isfinite(scored)), (game, suffix)
     assert [written[f"coverage_share_snapshot/{g}"] for g in games] == [0.5, 0.5]
     assert all(np.isfinite(written[f"fid_game_floor/{g}"]) for g in games)
+    # Each game's palette floor is its snapped training frames': the like-for-like floor of its palette FID.
+    assert all(np.isfinite(written[f"fid_game_floor_palette/{g}"]) and written[f"fid_game_floor_palette/{g}"]
+               != written[f"fid_game_floor/{g}"] for g in games)
 
     from torchvision.io import read_image
 

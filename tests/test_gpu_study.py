@@ -87,12 +87,13 @@ def test_a_longer_run_saves_the_generator_as_it_stood_at_each_earlier_budget():
 
 
 @pytest.mark.shipped
-def test_the_gpu_candidate_of_the_cpu_recipe_trains_the_cpu_profiles_loss_and_rates(shipped_params_text):
-    # docs/gpu.md offers `rpgan-gdecay-lrg2x` as the cpu profile's recipe carried to the GPU's batch and width.
+def test_the_gpu_candidate_of_the_cpu_recipe_trains_the_cpu_profiles_loss_rates_and_head(shipped_params_text):
+    # docs/gpu.md offers `rpgan-gdecay-lrg2x-palhead` as the cpu profile's recipe carried to the GPU's batch and width.
     shipped = parse_params(yaml.safe_load(shipped_params_text))
     keys = ("loss", "r1_gamma", "r2_gamma", "gamma_end_fraction", "r1_every", "lr_g", "lr_d", "beta1", "beta2")
-    cpu = with_profile(shipped, "cpu").train.model_dump(include=set(keys))
-    gpu = run_params(shipped, "rpgan-gdecay-lrg2x", seed=0, budget_s=90, device="cpu").train
-    assert gpu.model_dump(include=set(keys)) == cpu, (
-        "the cpu profile's loss or rates changed: make benchmarks/gpu_study.py's `rpgan-gdecay-lrg2x` carry them "
-        "(renamed if its name no longer says what it is, in docs/gpu.md too)")
+    cpu = with_profile(shipped, "cpu")
+    gpu = run_params(shipped, "rpgan-gdecay-lrg2x-palhead", seed=0, budget_s=90, device="cpu")
+    assert (gpu.train.model_dump(include=set(keys)), gpu.model.palette_head) == (
+        cpu.train.model_dump(include=set(keys)), cpu.model.palette_head), (
+        "the cpu profile's loss, rates or palette head changed: make benchmarks/gpu_study.py's "
+        "`rpgan-gdecay-lrg2x-palhead` carry them (renamed if its name no longer says what it is, in docs/gpu.md too)")

@@ -1,6 +1,6 @@
 """The CPU study's pure parts (benchmarks/quality_study.py, benchmarks/prc_scale.py): every recipe is valid params,
-the pairs table compares a recipe with the baseline only on the baseline's seeds, the scale table scores each set at
-each k as evaluate does."""
+the pairs table compares a recipe with the baseline only on the baseline's seeds, the runs table gives each game's
+palette floor where a record has one, the scale table scores each set at each k as evaluate does."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from benchmarks.quality_study import CPU_PROFILE_RECIPE, RECIPES, against, study_params, with_overrides
+from benchmarks.quality_study import CPU_PROFILE_RECIPE, RECIPES, against, study_params, with_overrides, yardstick
 from src.params import effective, parse_params
 
 
@@ -56,6 +56,20 @@ def test_the_pairs_table_at_a_budget_pairs_the_checkpointed_runs_reaching_it():
     assert lines[3].endswith("| 60.0 / 15.0 | 0.500 / 0.250 | 0.75× / 0.75× |")
     with pytest.raises(ValueError, match="no scored run of 'base'"):
         against(records, "base")  # without a budget only the runs not checkpointed, and base has none
+
+
+def test_the_runs_tables_floors_give_each_games_palette_floor_where_a_record_has_it():
+    def scored(palette_floors: bool) -> dict:
+        run = record("new", int(palette_floors), 50, 20)
+        run["eval"].update({"post_processing": "palette16", "fid_holdout_vs_train": 5.3, "fid_floor_palette": 9.9,
+                            "coverage_share/Pong-v4": 1.0, "fid_game/Pong-v4": 20.0, "count_game/Pong-v4": 2048,
+                            "coverage_share_snapshot/Pong-v4": 1.0, "fid_game_floor/Pong-v4": 6.5})
+        if palette_floors:
+            run["eval"]["fid_game_floor_palette/Pong-v4"] = 9.2
+        return run
+
+    assert yardstick([scored(False)]).splitlines()[-1].endswith("| 1.00 · 6.5 |")
+    assert yardstick([scored(False), scored(True)]).splitlines()[-1].endswith("| 1.00 · 6.5 / 9.2 |")
 
 
 def test_the_scale_table_scores_each_set_at_each_k_as_evaluate_does():
