@@ -152,13 +152,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     # Batch 8 (batch 16 gave 1.65x the steps of 32 and won), or an EMA horizon of ~100 steps instead of ~200.
     "cpu-rpgan-r2-gdecay-b8": {**CPU_RPGAN_GDECAY, "train.batch_size": 8},
     "cpu-rpgan-r2-gdecay-ema99": {**CPU_RPGAN_GDECAY, "train.ema_decay": 0.99},
-    # Ninth round: G's lr doubled (the tuner chose both lrs for bce without R1; the cpu profile since 2026-12-05),
+    # Ninth round: G's lr doubled (the tuner chose both lrs for bce without R1; the cpu profile for part of 2026-12-05),
     # or gamma falling from 3.0 instead of 1.0 to the same 0.1.
     "cpu-rpgan-r2-gdecay-lrg2x": CPU_RPGAN_GDECAY_LRG2X,
     "cpu-rpgan-r2-g3decay": {**CPU_RPGAN_GDECAY, "train.r1_gamma": 3.0, "train.r2_gamma": 3.0,
                              "train.gamma_end_fraction": 1 / 30},
-    # Tenth round (60 and 10 minutes): G paints each pixel as a softmax mix of the 16 palette colours (raw FID
-    # stalled near 78 from 30 to 60 minutes while the same generator snapped to the palette scored ~19).
+    # Tenth round (60, 30 and 10 minutes): G paints each pixel as a softmax mix of the 16 palette colours (raw FID
+    # stalled near 78 from 30 to 60 minutes while the same generator snapped to the palette scored ~19). The cpu
+    # profile since 2026-12-05.
     "cpu-rpgan-r2-gdecay-lrg2x-palhead": {**CPU_RPGAN_GDECAY_LRG2X, "model.palette_size": 16,
                                           "model.palette_head": "soft"},
 }
