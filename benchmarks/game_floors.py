@@ -57,11 +57,13 @@ def main(argv: list[str] | None = None) -> None:
 
     snapshot = load_snapshot(STUDY_SNAPSHOT)
     extractor = InceptionFeatures(resolve_inception_weights(None), device=torch.device("cpu"), batch_size=100)
-    real = lambda split, **kw: fid.real_features(extractor, snapshot, split, cache_dir=FEATURE_CACHE, **kw)  # noqa: E731
-    holdout, train = real("holdout"), real("train", count=SAMPLES)
-    snapped = real("train", count=SAMPLES, palette=palette_of(snapshot.train_images, PALETTE))
-    index = fid.real_selection(len(snapshot.train_images), SAMPLES)
-    train_labels = np.asarray(snapshot.train_labels)[index] if index is not None else np.asarray(snapshot.train_labels)
+    holdout = fid.real_features(extractor, snapshot, "holdout", cache_dir=FEATURE_CACHE)
+    train = fid.real_features(extractor, snapshot, "train", count=SAMPLES, cache_dir=FEATURE_CACHE)
+    snapped = fid.real_features(extractor, snapshot, "train", count=SAMPLES, cache_dir=FEATURE_CACHE,
+                                palette=palette_of(snapshot.train_images, PALETTE))
+    index = fid.real_selection(len(snapshot.train_images), SAMPLES)  # the subset real_features scored
+    train_labels = np.asarray(snapshot.train_labels)
+    train_labels = train_labels if index is None else train_labels[index]
     holdout_labels = np.asarray(snapshot.holdout_labels)
     games = list(snapshot.games)
     common = dict(games=games, holdout=holdout, holdout_labels=holdout_labels, train_labels=train_labels)

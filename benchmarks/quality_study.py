@@ -343,7 +343,8 @@ def yardstick(records: list[dict[str, Any]]) -> str:
                      f"{e['coverage_tv']:.3f} | "
                      + " | ".join(cells) + " |")
     # the fullest record's floors; a game's cell gives its raw floor, then its palette floor where recorded
-    e = max((r["eval"] for r in rows), key=lambda e: ("density_train_frames" in e, f"fid_game_floor_palette/{games[0]}" in e))
+    e = max((r["eval"] for r in rows),
+            key=lambda e: ("density_train_frames" in e, f"fid_game_floor_palette/{games[0]}" in e))
     lines.append(
         f"| floors (real train frames) | – | {fmt(e['fid_holdout_vs_train'])} | {fmt(e.get('fid_floor_palette'))} | "
         f"{pair(e, 'precision_train_frames', 'recall_train_frames')} | "

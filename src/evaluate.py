@@ -205,7 +205,8 @@ def evaluate_generator(generator: nn.Module, snapshot: Snapshot, extractor: ince
         # Both drawings under their own names, whichever one is shipped: like-for-like tables read these.
         metrics["fid_palette" if shipped_palette else "fid_raw"] = metrics["fid"]
         metrics["fid_floor_palette"] = fid.fid_from_features(holdout, snapped, device=extractor.device)
-        metrics.update({f"fid_game_floor_palette/{game}": v for game, v in game_floors(train=snapped, **floors).items()})
+        metrics.update({f"fid_game_floor_palette/{game}": v
+                        for game, v in game_floors(train=snapped, **floors).items()})
     for g, game in enumerate(games):
         metrics[f"coverage_share_snapshot/{game}"] = float(coverage.shares(holdout_labels, len(games))[g])
     metrics.update({

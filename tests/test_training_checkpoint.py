@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from src.atomic import file_sha256, load_torch_plain
+from src.data import Snapshot, load_snapshot, write_snapshot
 from src.generator import GeneratorFileError, load_generator
 from src.training import train_gan
 from src.training.checkpoint import CHECKPOINT_FORMAT, CheckpointError, global_rng_state, set_global_rng_state
@@ -78,10 +79,30 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
         time.sleep(0.01)
 
 
-def test_resume_after_sigkill_equals_an_uninterrupted_run(snapshot, tmp_path):
-    params = {"seed": 3, "model": TINY_MODEL,
+RESUMED_RECIPES = {  # what a resume must carry: augmentation and lr decay; R2, the gamma schedule, labels, the head
+    "bce-augment-lrdecay": ({}, {"augment": "color,translation", "loss": "bce", "lr_decay": "linear"}),
+    "cpu-profile-recipe": ({"conditional": True, "palette_size": 8, "palette_head": "soft"},
+                           {"loss": "rpgan", "r1_gamma": 1.0, "r2_gamma": 1.0, "gamma_end_fraction": 0.1}),
+}
+TWO_GAMES = ["Breakout-v4", "Pong-v4"]
+
+
+def two_game_snapshot(path: Path) -> Snapshot:
+    """48 training and 16 holdout frames of noise, alternately labelled with each of TWO_GAMES."""
+    rng = np.random.default_rng(0)
+    arrays = {"train_images": rng.integers(0, 256, (48, 3, 64, 64), dtype=np.uint8),
+              "train_labels": np.arange(48) % 2, "holdout_images": rng.integers(0, 256, (16, 3, 64, 64), dtype=np.uint8),
+              "holdout_labels": np.arange(16) % 2}
+    return load_snapshot(write_snapshot(path, arrays, {"games": TWO_GAMES}))
+
+
+@pytest.mark.parametrize("recipe", sorted(RESUMED_RECIPES))
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, recipe):
+    model, train = RESUMED_RECIPES[recipe]
+    snapshot = two_game_snapshot(tmp_path / "snapshot")
+    params = {"seed": 3, "model": {**TINY_MODEL, **model}, "collect": {"games": TWO_GAMES},
               "train": {**TINY_TRAIN, "iterations": 40, "log_every": 2, "checkpoint_every": 10, "ema_decay": 0.9,
-                        "augment": "color,translation", "loss": "bce", "lr_decay": "linear"}}
+                        **train}}
     reference, ref_cfg = start_runner(tmp_path, "reference", snapshot.path, params, sleep=0.0)
     killed, cfg = start_runner(tmp_path, "killed", snapshot.path, params, sleep=0.05)
     ckpt = Path(cfg["ckpt"]) / "checkpoint.pt"
