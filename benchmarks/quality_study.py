@@ -70,6 +70,7 @@ CPU_RECIPE = {**R1_MBSTD, "train.batch_size": 16, "model.conditional": True, "tr
 CPU_RPGAN_GDECAY = {**CPU_RECIPE, "train.loss": "rpgan", "train.r1_gamma": 1.0, "train.r2_gamma": 1.0,
                     "train.gamma_end_fraction": 0.1}
 CPU_RPGAN_GDECAY_LRG2X = {**CPU_RPGAN_GDECAY, "train.lr_g": 2 * TUNED_LR["train.lr_g"]}
+CPU_RPGAN_GDECAY_LRG2X_PALHEAD = {**CPU_RPGAN_GDECAY_LRG2X, "model.palette_size": 16, "model.palette_head": "soft"}
 CPU_PROFILE_RECIPE = "cpu-rpgan-r2-gdecay-lrg2x-palhead"  # params.yaml's profiles.cpu trains this (a test checks)
 GPU_DEFAULT_RECIPE = "small-tuned-r1-mbstd-cond"  # params.yaml's top level (the gpu profile) trains this (a test checks)
 RECIPES: dict[str, dict[str, Any]] = {
@@ -160,8 +161,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     # Tenth round (60, 30 and 10 minutes): G paints each pixel as a softmax mix of the 16 palette colours (raw FID
     # stalled near 78 from 30 to 60 minutes while the same generator snapped to the palette scored ~19). The cpu
     # profile since 2026-12-05.
-    "cpu-rpgan-r2-gdecay-lrg2x-palhead": {**CPU_RPGAN_GDECAY_LRG2X, "model.palette_size": 16,
-                                          "model.palette_head": "soft"},
+    "cpu-rpgan-r2-gdecay-lrg2x-palhead": CPU_RPGAN_GDECAY_LRG2X_PALHEAD,
+    # Eleventh round: a wider G on it (AirRaid, its weakest game, draws buildings and aliens with smears).
+    "cpu-rpgan-r2-gdecay-lrg2x-palhead-g48": {**CPU_RPGAN_GDECAY_LRG2X_PALHEAD, "model.gen_filters": 48},
 }
 
 
