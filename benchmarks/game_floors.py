@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from src.data import load_snapshot
-    from src.evaluate import game_floors
+    from src.evaluate import game_floors, train_subset_labels
     from src.inception import InceptionFeatures, resolve_inception_weights
     from src.models import palette_of
 
@@ -61,9 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     train = fid.real_features(extractor, snapshot, "train", count=SAMPLES, cache_dir=FEATURE_CACHE)
     snapped = fid.real_features(extractor, snapshot, "train", count=SAMPLES, cache_dir=FEATURE_CACHE,
                                 palette=palette_of(snapshot.train_images, PALETTE))
-    index = fid.real_selection(len(snapshot.train_images), SAMPLES)  # the subset real_features scored
-    train_labels = np.asarray(snapshot.train_labels)
-    train_labels = train_labels if index is None else train_labels[index]
+    train_labels = train_subset_labels(snapshot, SAMPLES)
     holdout_labels = np.asarray(snapshot.holdout_labels)
     games = list(snapshot.games)
     common = dict(games=games, holdout=holdout, holdout_labels=holdout_labels, train_labels=train_labels)

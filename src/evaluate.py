@@ -123,6 +123,13 @@ def check_snapshot(recorded: str | None, snapshot: Snapshot, generator_path: Pat
         )
 
 
+def train_subset_labels(snapshot: Snapshot, count: int) -> np.ndarray:
+    """The game labels of the `count` training frames fid.real_features scores (its fixed subset, or all)."""
+    labels = np.asarray(snapshot.train_labels)
+    index = fid.real_selection(len(labels), count)
+    return labels if index is None else labels[index]
+
+
 def game_floors(games: list[str], holdout: torch.Tensor, holdout_labels: np.ndarray, train: torch.Tensor,
                 train_labels: np.ndarray, device: str | torch.device = "cpu") -> dict[str, float | None]:
     """What a perfect generator would score per game at these counts: each game's training frames (features
@@ -191,10 +198,8 @@ def evaluate_generator(generator: nn.Module, snapshot: Snapshot, extractor: ince
     if getattr(generator, "num_classes", 0):  # is each screen the game it was drawn for?
         asked = requested_labels(generator, len(fake)).numpy()
         metrics["label_agreement"] = float((classifier.predict(fake) == asked).mean())
-    train_index = fid.real_selection(len(snapshot.train_images), len(fake))
-    train_labels = np.asarray(snapshot.train_labels)
-    train_labels = train_labels if train_index is None else train_labels[train_index]
-    floors = dict(games=games, holdout=holdout, holdout_labels=holdout_labels, train_labels=train_labels,
+    floors = dict(games=games, holdout=holdout, holdout_labels=holdout_labels,
+                  train_labels=train_subset_labels(snapshot, len(fake)),
                   device=extractor.device)
     metrics.update({f"fid_game_floor/{game}": v for game, v in game_floors(train=train, **floors).items()})
     if other is not None:
