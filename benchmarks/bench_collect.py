@@ -36,35 +36,15 @@ from multiprocessing import forkserver
 from typing import TYPE_CHECKING, Any
 
 import ale_py
-import cv2
 import gymnasium as gym
 import numpy as np
-from gymnasium import spaces
 
+from benchmarks.article import article_envs
 from src.collect import collect_frames
 from src.paths import SPLITS
 
 if TYPE_CHECKING:
     from src.params import Params
-
-ARTICLE_GAMES = ("Breakout-v4", "AirRaid-v4", "Pong-v4")
-
-
-class InputWrapper(gym.ObservationWrapper):
-    """The article's wrapper, as published."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        old_space = self.observation_space
-        assert isinstance(old_space, spaces.Box)
-        self.observation_space = spaces.Box(
-            self.observation(old_space.low), self.observation(old_space.high), dtype=np.float32
-        )
-
-    def observation(self, observation):
-        new_obs = cv2.resize(observation, (64, 64))
-        new_obs = np.moveaxis(new_obs, 2, 0)
-        return new_obs.astype(np.float32)
 
 
 @dataclass
@@ -93,10 +73,9 @@ def article_loop(frames: int, seed: int, batch_size: int = 16, to_tensor: bool =
     """
     if to_tensor:
         import torch  # here: workers import this module as their main module
-    gym.register_envs(ale_py)
     ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)
     random.seed(seed)
-    envs = [InputWrapper(gym.make(name)) for name in ARTICLE_GAMES]
+    envs = article_envs()
     for i, env in enumerate(envs):  # seeded only so that runs repeat; costs nothing per step
         env.reset(seed=seed + i)
         env.action_space.seed(seed + i)

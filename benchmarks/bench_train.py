@@ -35,7 +35,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -48,7 +47,6 @@ from src.params import ARTICLE_MODEL, ARTICLE_TRAIN, Params, effective, parse_pa
 from src.training.trainer import GANTrainer  # noqa: E402
 from src.training.window import LossWindow  # noqa: E402
 
-GAMES = ("Breakout-v4", "AirRaid-v4", "Pong-v4")
 ARTICLE_BATCH = 16
 LATENT = 100
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
@@ -56,30 +54,6 @@ SECTION = "## Training speed"
 
 
 # (a) The article's loop ------------------------------------------------------------------
-
-
-def article_envs() -> list:
-    import ale_py
-    import gymnasium as gym
-    from gymnasium import spaces
-
-    gym.register_envs(ale_py)
-
-    class InputWrapper(gym.ObservationWrapper):
-        def __init__(self, *args):
-            super().__init__(*args)
-            old_space = self.observation_space
-            assert isinstance(old_space, spaces.Box)
-            self.observation_space = spaces.Box(
-                self.observation(old_space.low), self.observation(old_space.high), dtype=np.float32
-            )
-
-        def observation(self, observation):
-            new_obs = cv2.resize(observation, (64, 64))
-            new_obs = np.moveaxis(new_obs, 2, 0)
-            return new_obs.astype(np.float32)
-
-    return [InputWrapper(gym.make(name)) for name in GAMES]
 
 
 def iterate_batches(envs, batch_size):
@@ -104,6 +78,8 @@ class ArticleLoop:
 
     def __init__(self, device: torch.device):
         self.device = device
+        from benchmarks.article import article_envs  # gymnasium and ale-py: only this side needs them
+
         self.batches = iterate_batches(article_envs(), ARTICLE_BATCH)
         # The article's networks: our Discriminator returns logits, so its Sigmoid goes back on.
         self.net_discr = nn.Sequential(Discriminator(64, activation="relu"), nn.Sigmoid()).to(device)

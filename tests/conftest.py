@@ -41,15 +41,16 @@ def tiny(**train_overrides) -> Params:
 
 def write_tiny_snapshot(path: Path, n_train: int = 48, n_holdout: int = 16, *, size: int = 64, seed: int = 0,
                         games: tuple[str, ...] = ("Pong-v4",), frames: Frames | None = None) -> Path:
-    """A snapshot of `n_train` + `n_holdout` frames labelled game 0: uniform noise, or `frames(n, seed, size)`."""
+    """A snapshot of `n_train` + `n_holdout` frames, labelled with each of `games` in turn: uniform noise, or
+    `frames(n, seed, size)`."""
     if frames is None:
         rng = np.random.default_rng(seed)
         train = rng.integers(0, 256, (n_train, 3, size, size), dtype=np.uint8)
         holdout = rng.integers(0, 256, (n_holdout, 3, size, size), dtype=np.uint8)
     else:
         train, holdout = frames(n_train, seed, size), frames(n_holdout, seed + 1000, size)
-    arrays = {"train_images": train, "train_labels": np.zeros(n_train, np.int64),
-              "holdout_images": holdout, "holdout_labels": np.zeros(n_holdout, np.int64)}
+    arrays = {"train_images": train, "train_labels": np.arange(n_train) % len(games),
+              "holdout_images": holdout, "holdout_labels": np.arange(n_holdout) % len(games)}
     return write_snapshot(path, arrays, {"games": list(games)})
 
 

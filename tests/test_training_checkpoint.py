@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from src.atomic import file_sha256, load_torch_plain
-from src.data import Snapshot, load_snapshot, write_snapshot
+from src.data import load_snapshot
 from src.generator import GeneratorFileError, load_generator
 from src.training import train_gan
 from src.training.checkpoint import CHECKPOINT_FORMAT, CheckpointError, global_rng_state, set_global_rng_state
-from tests.conftest import TINY_MODEL, TINY_TRAIN, tiny
+from tests.conftest import TINY_MODEL, TINY_TRAIN, tiny, write_tiny_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,19 +87,10 @@ RESUMED_RECIPES = {  # what a resume must carry: augmentation and lr decay; R2, 
 TWO_GAMES = ["Breakout-v4", "Pong-v4"]
 
 
-def two_game_snapshot(path: Path) -> Snapshot:
-    """48 training and 16 holdout frames of noise, alternately labelled with each of TWO_GAMES."""
-    rng = np.random.default_rng(0)
-    arrays = {"train_images": rng.integers(0, 256, (48, 3, 64, 64), dtype=np.uint8),
-              "train_labels": np.arange(48) % 2, "holdout_images": rng.integers(0, 256, (16, 3, 64, 64), dtype=np.uint8),
-              "holdout_labels": np.arange(16) % 2}
-    return load_snapshot(write_snapshot(path, arrays, {"games": TWO_GAMES}))
-
-
 @pytest.mark.parametrize("recipe", sorted(RESUMED_RECIPES))
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, recipe):
     model, train = RESUMED_RECIPES[recipe]
-    snapshot = two_game_snapshot(tmp_path / "snapshot")
+    snapshot = load_snapshot(write_tiny_snapshot(tmp_path / "snapshot", games=tuple(TWO_GAMES)))
     params = {"seed": 3, "model": {**TINY_MODEL, **model}, "collect": {"games": TWO_GAMES},
               "train": {**TINY_TRAIN, "iterations": 40, "log_every": 2, "checkpoint_every": 10, "ema_decay": 0.9,
                         **train}}
