@@ -22,6 +22,7 @@ BUDGET=${BUDGET:-90}
 ALSO_AT=${ALSO_AT-90}
 BENCH_SECONDS=${BENCH_SECONDS:-10}
 LIMIT=${LIMIT:-570}
+SYNC_EVERY=${SYNC_EVERY:-100}  # steps between loss reads and ALSO_AT checks: ~0.2 s on an H200
 WHEELS="pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 gymnasium==1.4.0
 farama-notifications==0.0.6 ale-py==0.12.1 typing-extensions==4.16.0"  # pydantic needs typing-extensions >= 4.16
 export PYTHONUNBUFFERED=1
@@ -47,7 +48,7 @@ run)
   cp data/snapshot/manifest.json "$OUT/snapshot-manifest.json" ;;  # its digest, to match the snapshot scored on
 check)
   OUT=$(mktemp -d) DEVICE=cpu BUDGET=${CHECK_BUDGET:-5} BENCH_SECONDS=3 RUNS="default:0:8 article:0 nosuch:0"
-  ALSO_AT=4
+  ALSO_AT=4 SYNC_EVERY=4  # ~8 steps/s on 2 cores: a check every half second
   export OMP_NUM_THREADS=1  # 2 shared cores: a second thread only spins against other jobs
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   # A small real snapshot (300 + 150 frames of the three games) from params.yaml's collect settings.
@@ -72,7 +73,7 @@ for run in $RUNS; do
   fi
   # A run that fails (a capture, say) is reported and the next one still runs: the call is too dear to lose.
   python3 benchmarks/gpu_study.py train "$name" --seed "$seed" --budget-s "$budget" \
-    ${ALSO_AT:+--also-at "$ALSO_AT"} --device "$DEVICE" --snapshot "$SNAPSHOT" --out "$OUT" \
+    ${ALSO_AT:+--also-at "$ALSO_AT"} --sync-every "$SYNC_EVERY" --device "$DEVICE" --snapshot "$SNAPSHOT" --out "$OUT" \
     || echo "error: run $run failed (exit $?)"
 done
 echo "done in ${SECONDS} s: $(ls "$OUT")"

@@ -75,14 +75,16 @@ def candidates(train: TrainParams) -> dict[str, dict[str, Any]]:
 
 
 SYNC_EVERY = 100  # steps between loss reads; also where an --also-at save can happen (~0.2 s apart on an H200)
+SAVE_LATE_BY = 0.02  # an --also-at save taken more than this fraction past its time is dropped, not mislabelled
 
 
-def run_params(base: Params, name: str, seed: int, budget_s: float, device: str, saves: bool = False) -> Params:
+def run_params(base: Params, name: str, seed: int, budget_s: float, device: str, saves: bool = False,
+               sync_every: int = SYNC_EVERY) -> Params:
     gpu = with_profile(base, "gpu")
     return with_overrides(gpu, {
         **candidates(gpu.train)[name], "seed": seed, "train.device": device, "train.iterations": 10**9,
-        "train.time_budget_s": budget_s, "train.fid_every": SYNC_EVERY if saves else 0,
-        "train.log_every": SYNC_EVERY, "train.image_every": 10**9, "train.checkpoint_every": 10**9,
+        "train.time_budget_s": budget_s, "train.fid_every": sync_every if saves else 0,
+        "train.log_every": sync_every, "train.image_every": 10**9, "train.checkpoint_every": 10**9,
     })
 
 
@@ -90,11 +92,13 @@ class SavesAt:
     """The EMA generator as it stood when training time first reached each of `seconds`, taken inside one longer
     run (with `train.lr_decay: none` nothing else depends on the budget, so it is the generator a run of that
     budget ends with). train_gan calls `log_fn` (the rate, so the training seconds) and then `fid_fn` (the
-    generator, its value unused: the final generator is the last one either way) at every SYNC_EVERY-th step."""
+    generator, its value unused: the final generator is the last one either way) at every sync step. A time first
+    passed more than SAVE_LATE_BY past it (syncs too far apart for the run's speed) gets no generator: it would be
+    a longer run's, under the shorter budget's name; `missed` lists it with the time the sync came."""
 
     def __init__(self, seconds: list[float], images_per_step: int):
         self.pending, self.images_per_step = sorted(seconds), images_per_step
-        self.rate, self.saved = 0.0, []
+        self.rate, self.saved, self.missed = 0.0, [], []
 
     def log_fn(self, step: int, metrics: dict[str, float]) -> None:
         self.rate = metrics.get("images_per_s", self.rate)
@@ -104,7 +108,11 @@ class SavesAt:
 
         elapsed = step * self.images_per_step / self.rate if self.rate > 0 else 0.0
         while self.pending and elapsed >= self.pending[0]:
-            self.saved.append({"at_s": self.pending.pop(0), "train_seconds": round(elapsed, 1), "iterations": step,
+            at_s = self.pending.pop(0)
+            if elapsed > at_s * (1 + SAVE_LATE_BY):
+                self.missed.append((at_s, round(elapsed, 1)))
+                continue
+            self.saved.append({"at_s": at_s, "train_seconds": round(elapsed, 1), "iterations": step,
                                "images_per_s": round(self.rate, 1), "state": cpu_state(generator)})
         return 0.0
 
@@ -119,7 +127,8 @@ def train_one(name: str, seed: int, args: argparse.Namespace) -> None:
     from src.training.step_graphs import graph_plan
 
     also_at = [s for s in args.also_at or [] if s < args.budget_s]
-    params = effective(run_params(load_params(), name, seed, args.budget_s, args.device, saves=bool(also_at)))
+    params = effective(run_params(load_params(), name, seed, args.budget_s, args.device, saves=bool(also_at),
+                                  sync_every=args.sync_every))
     snapshot = load_snapshot(Path(args.snapshot), verify=False)
     saves = SavesAt(also_at, params.train.batch_size * params.train.d_steps)
     result = train_gan(params, snapshot, checkpoint_dir=None, progress=False,
@@ -136,6 +145,9 @@ def train_one(name: str, seed: int, args: argparse.Namespace) -> None:
         "snapshot_sha256": snapshot.sha256,
     }
     runs = [(f"{name}-seed{seed}", record, cpu_state(result.eval_generator))]
+    for at_s, came_s in saves.missed:
+        print(f"{name}-seed{seed}: no {at_s:g}-s generator: the first sync after {at_s:g} s came at {came_s:g} s "
+              "(lower --sync-every)", flush=True)
     for save in saves.saved:  # the same run, cut short: its own budget, count and rate
         cut = {"budget_s": save["at_s"], "train_seconds": save["train_seconds"], "iterations": save["iterations"],
                "images_per_s": save["images_per_s"],
@@ -250,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--budget-s", type=float, default=90.0, help="seconds of training per run")
     train.add_argument("--also-at", type=float, action="append",
                        help="repeatable: also save the generator when training time reaches these seconds")
+    train.add_argument("--sync-every", type=int, default=SYNC_EVERY,
+                       help="steps between loss reads and --also-at checks (fewer on a slow device)")
     train.add_argument("--device", default="cuda")
     train.add_argument("--snapshot", default=str(SNAPSHOT))
     train.add_argument("--out", required=True, help="folder for the generator files")

@@ -74,16 +74,22 @@ def test_the_3_minute_floors_hold_for_every_seed_and_every_game():
 
 
 def test_a_longer_run_saves_the_generator_as_it_stood_at_each_earlier_budget():
-    saves = SavesAt([90.0, 45.0], images_per_step=32)
-    generator = torch.nn.Linear(2, 2)
-    for step in (100, 200, 300):  # 32 images a step at 64 images/s: 50, 100, 150 s
-        saves.log_fn(step, {"loss_g": 1.0, "images_per_s": 64.0})
-        with torch.no_grad():
-            generator.weight.fill_(step)
-        assert saves.fid_fn(step, generator) == 0.0
+    def sync(saves, steps):
+        generator = torch.nn.Linear(2, 2)
+        for step in steps:  # 32 images a step at 64 images/s: half a second a step
+            saves.log_fn(step, {"loss_g": 1.0, "images_per_s": 64.0})
+            with torch.no_grad():
+                generator.weight.fill_(step)
+            assert saves.fid_fn(step, generator) == 0.0
+        return saves
+
+    saves = sync(SavesAt([90.0, 45.0], images_per_step=32), range(10, 310, 10))  # a sync every 5 s
     saved = [(s["at_s"], s["iterations"], s["train_seconds"]) for s in saves.saved]
-    assert saved == [(45.0, 100, 50.0), (90.0, 200, 100.0)]
-    assert [float(s["state"]["weight"][0, 0]) for s in saves.saved] == [100.0, 200.0]  # copies, not the live weights
+    assert saved == [(45.0, 90, 45.0), (90.0, 180, 90.0)] and saves.missed == []
+    assert [float(s["state"]["weight"][0, 0]) for s in saves.saved] == [90.0, 180.0]  # copies, not the live weights
+    # Syncs 50 s apart: the first after 45 s comes at 50 s, a longer run's generator, so none is saved as 45 s.
+    sparse = sync(SavesAt([90.0, 45.0], images_per_step=32), (100, 180, 300))
+    assert [s["at_s"] for s in sparse.saved] == [90.0] and sparse.missed == [(45.0, 50.0)]
 
 
 @pytest.mark.shipped
