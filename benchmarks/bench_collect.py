@@ -40,7 +40,7 @@ import gymnasium as gym
 import numpy as np
 
 from benchmarks.article import article_envs
-from src.collect import collect_frames
+from src.collect import collect_frames, resolve_workers
 from src.paths import SPLITS
 
 if TYPE_CHECKING:
@@ -175,7 +175,7 @@ def main() -> None:
         print(f"  repeat {r + 1}: " + ", ".join(f"{n.split(' (')[0]} {args.frames / t[-1].wall_s:,.0f} frames/s"
                                                 for n, t in runs.items()) + f"; load {loads[-1]:.2f}", flush=True)
 
-    workers = manifests[next(iter(variants))]["workers"]
+    workers = resolve_workers(args.workers, bench_params(args.frames, 0))
     print()
     print(f"{datetime.now(timezone.utc):%Y-%m-%d} · {cpu_model()}, {os.cpu_count()} cores · Python "
           f"{platform.python_version()}, gymnasium {gym.__version__}, ale-py {ale_py.__version__} · "

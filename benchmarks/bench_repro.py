@@ -66,9 +66,9 @@ def repro(work: Path, label: str) -> dict[str, object]:
 
 
 def stage_seconds(work: Path) -> dict[str, float]:
-    manifest = json.loads((work / "data" / "snapshot" / "manifest.json").read_text())
+    collect = json.loads((work / "metrics" / "collect.json").read_text())
     train = json.loads((work / "metrics" / "train.json").read_text())
-    return {"collect (frames)": manifest["collect_seconds"], "train (training loop)": train["elapsed_s"]}
+    return {"collect (frames)": collect["collect_seconds"], "train (training loop)": train["elapsed_s"]}
 
 
 def table(runs: list[dict[str, object]]) -> str:

@@ -438,13 +438,12 @@ def plot_curves(records: list[dict[str, Any]], out: Path, recipes: list[str] | N
 
 
 def make_snapshot(holdout: int) -> None:
-    from src.collect import collect_snapshot, summary
-    from src.data import load_snapshot
+    from src.collect import collect_and_time, summary
 
     base = load_params()
     params = base.model_copy(update={"collect": base.collect.model_copy(update={"holdout_frames": holdout})})
-    path = collect_snapshot(params, STUDY_SNAPSHOT, progress=False)
-    print(summary(load_snapshot(path, verify=False).manifest, path))
+    path, metrics = collect_and_time(params, STUDY_SNAPSHOT, progress=False)
+    print(summary(metrics, len(params.collect.games), path))
 
 
 def main(argv: list[str] | None = None) -> None:

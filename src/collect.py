@@ -28,7 +28,6 @@ import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +37,7 @@ import numpy as np
 # stay out of the module level, or every worker would pay for importing them.
 from src.errors import run_cli, stage_parser
 from src.lock import project_lock
-from src.paths import SNAPSHOT_DIR, SPLITS
+from src.paths import COLLECT_METRICS_FILE, SNAPSHOT_DIR, SPLITS
 from src.rollout import (
     SIZE,
     CollectError,
@@ -178,7 +177,7 @@ class _Stream:
         self.round_new = self.count - before
 
 
-def _resolve_workers(workers: int | None, params: Params) -> int:
+def resolve_workers(workers: int | None, params: Params) -> int:
     workers = params.collect.workers if workers is None else workers
     if workers < 0:
         raise CollectError(f"workers = {workers}: use 0 (one per CPU core) or a positive number")
@@ -243,7 +242,7 @@ def play(
     cfg = params.collect
     if len(cfg.games) > 256:
         raise CollectError(f"collect.games lists {len(cfg.games)} games; labels are uint8, so at most 256 are allowed")
-    workers = _resolve_workers(workers, params)
+    workers = resolve_workers(workers, params)
     # First, so that the pool's server process starts (~0.3 s) while this one prepares the run.
     executor = worker_pool(workers) if workers > 1 else None  # workers=1 runs here, with no start-up
     sink, images = frame_file(cfg.train_frames + cfg.holdout_frames, scratch)  # (no worker runs yet)
@@ -325,13 +324,14 @@ def play(
 def collect_frames(
     params: Params, workers: int | None = None, progress: bool = True, scratch: str | os.PathLike | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Play the games of `params.collect`; return the snapshot arrays and the manifest fields."""
+    """Play the games of `params.collect`; return the snapshot arrays and the manifest fields.
+
+    The manifest holds only what the seed and params decide (no time, date or worker count), so the same seed
+    and params give the same snapshot folder byte for byte, and DVC the same hash: how this run went is
+    `collect_metrics`'s."""
     cfg = params.collect
     games = list(cfg.games)
-    workers = _resolve_workers(workers, params)
-    started = time.perf_counter()
-    arrays, streams = play(params, workers=workers, progress=progress, scratch=scratch)
-    elapsed = time.perf_counter() - started
+    arrays, streams = play(params, workers=resolve_workers(workers, params), progress=progress, scratch=scratch)
     per_game: dict[str, dict[str, Any]] = {split: {} for split in SPLITS}
     for stream in streams:
         per_game[stream.split][stream.game] = {
@@ -360,10 +360,7 @@ def collect_frames(
         "agent": "random: env.action_space.sample(); env.reset(seed) and action_space.seed(seed) once per shard",
         "shard_frames": cfg.shard_frames,
         "env_steps": sum(s.env_steps for s in streams),
-        "workers": workers,
-        "collect_seconds": round(elapsed, 2),
         "versions": library_versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return arrays, manifest
 
@@ -381,29 +378,55 @@ def collect_snapshot(
     return write_snapshot(out_dir, arrays, manifest)
 
 
-def summary(manifest: dict[str, Any], path: Path) -> str:
-    """The one line `python -m src.collect` prints at the end."""
+def collect_metrics(manifest: dict[str, Any], workers: int, seconds: float) -> dict[str, Any]:
+    """How one collect run went (metrics/collect.json): what it kept and dropped, its workers and its time."""
     per_game = [s for split in SPLITS for s in manifest["per_game"][split].values()]
-    counts = {split: sum(manifest["counts"][split].values()) for split in SPLITS}
-    steps, seconds = manifest["env_steps"], manifest["collect_seconds"]
+    return {
+        "frames": {split: sum(manifest["counts"][split].values()) for split in SPLITS},
+        "env_steps": manifest["env_steps"],
+        "dropped": {"dark": sum(s["dark_dropped"] for s in per_game),
+                    "duplicates": sum(s["duplicates_dropped"] for s in per_game),
+                    "holdout_copies_of_training_frames": manifest.get("holdout_train_duplicates_dropped", 0)},
+        "workers": workers,
+        "collect_seconds": round(seconds, 2),
+        "env_steps_per_s": round(manifest["env_steps"] / max(seconds, 1e-9), 1),
+    }
+
+
+def collect_and_time(params: Params, out_dir: str | os.PathLike, workers: int | None = None,
+                     progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """`collect_snapshot`, timed end to end (worker start-up and the snapshot write included): the snapshot's
+    path and its `collect_metrics`."""
+    from src.data import load_snapshot
+
+    workers = resolve_workers(workers, params)
+    started = time.perf_counter()
+    path = collect_snapshot(params, out_dir, workers=workers, progress=progress)
+    seconds = time.perf_counter() - started
+    return path, collect_metrics(load_snapshot(path, verify=False).manifest, workers, seconds)
+
+
+def summary(metrics: dict[str, Any], games: int, path: Path) -> str:
+    """The one line `python -m src.collect` prints at the end, from its `collect_metrics`."""
+    frames, dropped = metrics["frames"], metrics["dropped"]
     return (
-        f"collect: {counts['train']} train + {counts['holdout']} holdout frames of {len(manifest['games'])} games "
-        f"-> {path} | {steps} env steps in {seconds:.1f} s ({steps / max(seconds, 1e-9):.0f} frames/s, "
-        f"{manifest['workers']} workers) | dropped {sum(s['dark_dropped'] for s in per_game)} dark, "
-        f"{sum(s['duplicates_dropped'] for s in per_game)} duplicate frames, "
-        f"{manifest.get('holdout_train_duplicates_dropped', 0)} holdout copies of training frames"
+        f"collect: {frames['train']} train + {frames['holdout']} holdout frames of {games} games -> {path} | "
+        f"{metrics['env_steps']} env steps in {metrics['collect_seconds']:.1f} s ({metrics['env_steps_per_s']:.0f} "
+        f"frames/s, {metrics['workers']} workers) | dropped {dropped['dark']} dark, {dropped['duplicates']} "
+        f"duplicate frames, {dropped['holdout_copies_of_training_frames']} holdout copies of training frames"
     )
 
 
 def main(argv: list[str] | None = None) -> None:
-    from src.data import load_snapshot
+    from src.atomic import write_json_atomic
     from src.params import load_params
 
     stage_parser("python -m src.collect", __doc__).parse_args(argv)
     params = load_params()
     with project_lock():
-        path = collect_snapshot(params, SNAPSHOT_DIR)
-    print(summary(load_snapshot(path, verify=False).manifest, path))
+        path, metrics = collect_and_time(params, SNAPSHOT_DIR)
+        write_json_atomic(COLLECT_METRICS_FILE, metrics)
+    print(summary(metrics, len(params.collect.games), path))
 
 
 if __name__ == "__main__":

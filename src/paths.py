@@ -9,6 +9,7 @@ SPLITS = ("train", "holdout")  # the snapshot's splits, in the order seeds and f
 SNAPSHOT_DIR = Path("data/snapshot")
 MODELS_DIR = Path("models")
 CHECKPOINT_DIR = Path("checkpoints/train")  # not a DVC output: DVC deletes outputs before a rerun
+COLLECT_METRICS_FILE = Path("metrics/collect.json")  # how the last collect went; not in the snapshot
 TRAIN_METRICS_FILE = Path("metrics/train.json")
 TRAIN_PLOTS_DIR = Path("plots/train")
 

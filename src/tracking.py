@@ -282,8 +282,8 @@ class TrainingRun:
     training and its outputs go on.
     """
 
-    RELOG = ("run `dvc repro --force train` (it resumes from the finished checkpoint in checkpoints/train/, trains "
-             "nothing and logs the run again)")
+    RELOG = ("run `dvc repro --force --single-item train` (it resumes from the finished checkpoint in "
+             "checkpoints/train/, trains nothing and logs the run again)")
 
     def __init__(self, params: Params, snapshot: Snapshot, device: torch.device, world: int, resume_id: str | None):
         self.failed: str | None = None

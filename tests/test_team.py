@@ -6,6 +6,7 @@ tracking server (tests/servers.py: basic auth, --artifacts-destination), commits
 and `dvc push`es to a WebDAV remote whose login lives in .dvc/config.local. Teammate B clones,
 sees A's runs and FID on the server, downloads A's generator and grid through it, `dvc pull`s and
 finds nothing to reproduce. The server's artifact folder holds the artifacts; A's mlruns/ does not exist.
+A params combination A pushed with DVC's run-cache reaches B without training.
 """
 
 from __future__ import annotations
@@ -156,3 +157,34 @@ def test_the_default_remote_is_a_folder_beside_the_clone(tmp_path):
     sh("dvc", "push", cwd=clone)
     pushed = [p for p in (tmp_path / "atari-gan-dvc-remote").rglob("*") if p.is_file()]
     assert [p.read_bytes() for p in pushed] == [b"a snapshot"]
+
+
+def test_a_teammate_gets_a_pushed_experiment_from_the_run_cache_instead_of_training(tmp_path, shipped_params_text,
+                                                                                     hub_weights):
+    # DVC's run-cache (docs/team.md): A runs params someone else may run too and pushes it with --run-cache;
+    # B, at the same commit with those params, gets A's outputs from the remote and trains nothing. Both use the
+    # default remote, a folder beside the clones.
+    origin = make_origin(tmp_path, shipped_params_text)
+    other_params = {"profiles.cpu.train.iterations": 6}
+    a = tmp_path / "a"
+    git("clone", "-q", str(origin), str(a), cwd=tmp_path)
+    sh("dvc", "repro", cwd=a, env=cli_env(a), timeout=600)
+    git("add", "-A", cwd=a)
+    git("commit", "-q", "-m", "A's run", cwd=a)
+    git("push", "-q", "origin", "main", cwd=a)
+    sh("dvc", "push", cwd=a)
+    edit_params(a / "params.yaml", other_params)  # an experiment, not committed
+    ran = sh("dvc", "repro", cwd=a, env=cli_env(a), timeout=600)
+    assert "Running stage 'train'" in ran and "Running stage 'evaluate'" in ran, ran
+    sh("dvc", "push", "--run-cache", cwd=a)
+
+    b = tmp_path / "b"
+    git("clone", "-q", str(origin), str(b), cwd=tmp_path)
+    sh("dvc", "pull", "--run-cache", cwd=b, env=cli_env(b))
+    edit_params(b / "params.yaml", other_params)
+    restored = sh("dvc", "repro", "--pull", cwd=b, env=cli_env(b), timeout=600)
+    assert "Running stage" not in restored, restored
+    assert "Stage 'train' is cached" in restored and "Stage 'evaluate' is cached" in restored, restored
+    assert not (b / "checkpoints").exists(), "B trained"
+    for path in [p for out in ("models", "plots", "metrics") for p in sorted((a / out).rglob("*")) if p.is_file()]:
+        assert digest(path) == digest(b / path.relative_to(a)), path
