@@ -9,7 +9,8 @@ The same seed gives the same images on any device and at any batch size.
 
 Nothing it did not write is replaced: an existing --out folder must be empty or one this command
 wrote (it holds the `.atari-gan-samples` marker), an existing grid must be a grid it drew (its PNG
-says so); models/, checkpoints/, data/snapshot/ or the project folder itself are refused.
+says so); nothing is written inside data/snapshot/, models/, checkpoints/, metrics/, plots/, .dvc/, .git/ or
+mlruns/ (src/paths.py: STAGE_FOLDERS), nor over the project folder itself.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import argparse
 import contextlib
 from pathlib import Path
 
-from src.atomic import check_can_create, check_replaceable
+from src.atomic import ForeignOutputError, check_can_create, check_replaceable
 from src.device import resolve_device
 from src.errors import UserError, run_cli, stage_parser
 from src.generator import (
@@ -33,6 +34,7 @@ from src.generator import (
 )
 from src.lock import project_lock
 from src.params import check_device
+from src.paths import stage_folder_holding
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,13 +54,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_out(out: Path, grid: bool) -> None:
     """Refuse an --out before any work: one that holds what this command did not write (a grid it did not
-    draw; a folder without its marker: models/, checkpoints/, data/snapshot/, the project itself), or
-    that cannot be written (under a file, in a read-only place)."""
+    draw; a folder without its marker: the project itself), one inside a folder the stages write, or one that
+    cannot be written (under a file, in a read-only place)."""
     out = Path(out)
     if grid:
         check_grid_out(out, what="--out ")
     else:
         check_replaceable(out, SAMPLES_MARKER, what="--out ")
+    folder = stage_folder_holding(out)
+    if folder is not None:
+        raise ForeignOutputError(f"--out {out} is inside {folder}/, which the pipeline (or DVC, git, MLflow) "
+                                 "writes; nothing is written there: choose a path outside it, e.g. --out samples.png")
     check_can_create(out, what="--out ")
 
 

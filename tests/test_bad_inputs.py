@@ -90,6 +90,14 @@ def trained_outputs(project: Path) -> None:
     (project / "checkpoints" / "train" / "checkpoint.pt").write_bytes(b"a checkpoint DVC does not track")
 
 
+def train_samples_png(project: Path) -> None:
+    """A trained project with train's own grid of samples, which carries the same PNG mark as sample's grids."""
+    from src.generator import write_grid
+
+    trained_outputs(project)
+    write_grid(torch.zeros(4, 3, 64, 64, dtype=torch.uint8), project / "plots" / "train" / "samples.png", nrow=2)
+
+
 def foreign_png(project: Path) -> None:
     from PIL import Image
 
@@ -251,6 +259,15 @@ ROWS = [
      "--out photo.png exists and is not a grid this command wrote"),
     ("sample-grid-over-models", "sample", ["--out", "models/generator.png", "--grid", "--n", "4"], {},
      lambda p: (trained_outputs(p), (p / "models" / "generator.png").mkdir()), "is not a grid this command wrote"),
+    # ... nor adds files inside what the stages write: DVC would find its outputs changed
+    ("sample-grid-over-train-samples", "sample", ["--out", "plots/train/samples.png", "--grid", "--n", "4"], {},
+     train_samples_png, "--out plots/train/samples.png is inside plots/, which the pipeline"),
+    ("sample-grid-into-models", "sample", ["--out", "models/extra.png", "--grid", "--n", "4"], {}, trained_outputs,
+     "--out models/extra.png is inside models/"),
+    ("sample-grid-into-snapshot", "sample", ["--out", "data/snapshot/x.png", "--grid", "--n", "4"], {},
+     trained_outputs, "--out data/snapshot/x.png is inside data/snapshot/"),
+    ("sample-folder-into-checkpoints", "sample", ["--out", "checkpoints/train/samples", "--n", "4"], {},
+     trained_outputs, "--out checkpoints/train/samples is inside checkpoints/"),
     ("weights-dest-models", "inception_weights", ["--dest", "models"], {}, trained_outputs,
      "--dest models is a folder"),
     ("weights-dest-checkpoints", "inception_weights", ["--dest", "checkpoints/train"], {}, trained_outputs,
