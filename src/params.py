@@ -386,7 +386,8 @@ def load_params(path: str | os.PathLike | None = None) -> Params:
 
 
 def set_params(path: str | os.PathLike, values: dict[str, Any]) -> None:
-    """Set dotted keys (`{"train.lr_g": 1e-4}`) in a params.yaml, keeping its comments, order and layout.
+    """Set dotted keys (`{"train.lr_g": 1e-4}`) in a params.yaml, keeping its comments, order and layout; a
+    missing section is added as a one-line mapping (`train: {lr_g: 0.0001}`).
 
     The new file is validated before it replaces the old one, atomically: a value the schema refuses
     raises `ParamsError` and leaves the file as it was.
@@ -404,12 +405,34 @@ def set_params(path: str | os.PathLike, values: dict[str, Any]) -> None:
         *sections, name = key.split(".")
         node = data
         for section in sections:
+            if node.get(section) is None:
+                _add_flow_section(node, section)
             node = node[section]
         node[name] = value
     with replacing(path) as tmp:
         with open(tmp, "w") as fh:
             rt.dump(data, fh)
         load_params(tmp)  # never write a params.yaml that does not validate
+
+
+def _add_flow_section(node: Any, section: str) -> None:
+    """Append `section: {}` (one line) to ruamel mapping `node`. The blank lines after the last key ride on its
+    comment, so they move to the new key: the new line stays inside its block, not after the gap."""
+    import copy
+
+    from ruamel.yaml.comments import CommentedMap
+
+    last = next(reversed(node), None) if len(node) else None
+    comment = node.ca.items.get(last, [None] * 3)[2] if last is not None else None
+    node[section] = CommentedMap()
+    node[section].fa.set_flow_style()
+    if comment is not None and comment.value.endswith("\n\n"):
+        body = comment.value.rstrip("\n")
+        gap = comment.value[len(body) + 1:]
+        comment.value = body + "\n"
+        moved = copy.copy(comment)
+        moved.value = "\n" + gap
+        node.ca.items[section] = [None, None, moved, None]
 
 
 def flatten(params: Params) -> dict[str, Any]:

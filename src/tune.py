@@ -205,9 +205,16 @@ def log_plots(study) -> None:
         plt.close(fig)
 
 
-def apply_best(path: Path, best: dict[str, float]) -> None:
-    """Set train.<key> for the tuned keys in params.yaml, keeping comments, order and layout."""
-    set_params(path, {f"train.{key}": float(f"{value:.6g}") for key, value in best.items()})
+def apply_section(params: Params) -> str:
+    """Where --apply writes: `profiles.<profile>.train` when params.yaml has a section for the profile the study
+    ran under (so the values take effect for that profile, and only it: a CPU study does not move the GPU's
+    top level), else the top-level `train`, which that profile then runs."""
+    return f"profiles.{params.profile}.train" if params.profile in params.profiles else "train"
+
+
+def apply_best(path: Path, best: dict[str, float], section: str = "train") -> None:
+    """Set <section>.<key> for the tuned keys in params.yaml, keeping comments, order and layout."""
+    set_params(path, {f"{section}.{key}": float(f"{value:.6g}") for key, value in best.items()})
 
 
 class Progress:
@@ -339,15 +346,16 @@ def tune(params: Params, *, n_trials: int, timeout: float | None, study_name: st
     return study
 
 
-def apply_study_best(study, path: Path) -> None:
+def apply_study_best(study, path: Path, params: Params) -> None:
     import optuna
 
     if not study.get_trials(states=[optuna.trial.TrialState.COMPLETE]):
         raise TuneError(f"no trial of study {study.study_name!r} has completed yet, so there is nothing to "
                         "--apply; run trials first: `python -m src.tune`")
-    apply_best(path, study.best_params)
+    section = apply_section(params)
+    apply_best(path, study.best_params, section)
     print(f"wrote best {', '.join(study.best_params)} (trial {study.best_trial.number}, "
-          f"FID {study.best_value:.2f}) into {path}")
+          f"FID {study.best_value:.2f}) into {path} under {section} (profile {params.profile})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -360,13 +368,13 @@ def main(argv: list[str] | None = None) -> None:
     storage = args.storage or params.tune.storage or default_storage()
     if args.apply and args.n_trials is None:  # --apply alone: use the study as it is
         with project_lock():
-            apply_study_best(load_study(params, study_name, storage, create=False), path)
+            apply_study_best(load_study(params, study_name, storage, create=False), path, params)
         return
     with project_lock(shared=not args.apply):  # workers share a study; --apply rewrites params.yaml
         study = tune(params, n_trials=args.n_trials or params.tune.n_trials,
                      timeout=args.timeout or params.tune.timeout_s, study_name=study_name, storage=storage)
         if args.apply:
-            apply_study_best(study, path)
+            apply_study_best(study, path, params)
 
 
 if __name__ == "__main__":

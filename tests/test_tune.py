@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 import src.tune as tune
-from src.params import load_params
+from src.params import load_params, with_profile
 from src.study import BASELINE_ATTR, baseline_values
 
 TINY = {
@@ -99,17 +99,44 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(workdir, monkeypatch)
     assert got[0] != "FAIL" and got[2] != "FAIL"
 
 
+def changed_lines(before: str, after: str) -> list[str]:
+    return [line for line in difflib.ndiff(before.splitlines(), after.splitlines()) if line[:2] in ("- ", "+ ")]
+
+
 def test_apply_edits_only_the_four_values(workdir):
-    before = (workdir / "params.yaml").read_text()
+    before = (workdir / "tiny.yaml").read_text()
     best = {"lr_g": 0.000123, "lr_d": 0.000456, "beta1": 0.25, "beta2": 0.95}
-    tune.apply_best(workdir / "params.yaml", best)
-    after = (workdir / "params.yaml").read_text()
-    changed = [line for line in difflib.ndiff(before.splitlines(), after.splitlines()) if line[:2] in ("- ", "+ ")]
+    tune.apply_best(workdir / "tiny.yaml", best, tune.apply_section(load_params(workdir / "tiny.yaml")))
+    after = (workdir / "tiny.yaml").read_text()
+    changed = changed_lines(before, after)
     assert len(changed) == 8, "\n".join(changed)
     assert {line.split(":")[0].strip("-+ ") for line in changed} == set(best)
-    assert "# " in after and after.count("\n") == before.count("\n")
-    train = load_params(workdir / "params.yaml").train
+    train = load_params(workdir / "tiny.yaml").train
     assert (train.lr_g, train.lr_d, train.beta1, train.beta2) == (0.000123, 0.000456, 0.25, 0.95)
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_apply_writes_where_the_studys_profile_takes_them_and_nowhere_else(workdir, profile):
+    # The shipped params.yaml, comments and all: its cpu profile sets lr_g, which would hide a top-level value.
+    path = workdir / "params.yaml"
+    before, shipped = path.read_text(), load_params(path)
+    best = {"lr_g": 0.000123, "lr_d": 0.000456, "beta1": 0.25, "beta2": 0.95}
+    ran_under = with_profile(shipped, profile)
+    tune.apply_best(path, best, tune.apply_section(ran_under))
+    after = load_params(path)
+    got = with_profile(after, profile).train
+    assert {key: getattr(got, key) for key in best} == best
+    other = "gpu" if profile == "cpu" else "cpu"
+    assert with_profile(after, other).model_dump(exclude={"profiles"}) == with_profile(shipped, other).model_dump(
+        exclude={"profiles"}), f"the {other} profile changed too"
+    assert after.train == shipped.train, "the top level changed"
+    # One line: the profile's train mapping, edited (cpu) or added inside its block (gpu); nothing else moves.
+    changed = changed_lines(before, path.read_text())
+    assert [line[:2] for line in changed] == (["- ", "+ "] if profile == "cpu" else ["+ "]), changed
+    assert changed[-1].startswith("+     train: {") and changed[-1].endswith("beta2: 0.95}"), changed
+    lines = path.read_text().splitlines()
+    after_it = lines[lines.index(changed[-1][2:]) + 1]
+    assert after_it.startswith("    ") if profile == "cpu" else after_it == "", "the line left its profile's block"
 
 
 def test_bad_command_line_values_are_clear_errors(workdir, capsys):
