@@ -49,7 +49,7 @@ def pick_generator(models_dir: Path = MODELS_DIR) -> Path:
 def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """A generator file written by `src.train` -> (generator in eval mode on `device`, its metadata)."""
     path = Path(path)
-    fix = "run `dvc repro train` (or `python -m src.train`) to write it, or pass --model"
+    fix = "run `dvc repro train` (or `python -m src.train`) to write it (src.sample: or name another with --model)"
     if not path.is_file():
         raise GeneratorFileError(f"no generator at {path}; {fix}")
     try:

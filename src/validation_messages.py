@@ -10,6 +10,9 @@ from pydantic import BaseModel
 def describe_error(error: dict[str, Any], raw: Any, root: type[BaseModel]) -> str:
     """One pydantic error of `root.model_validate(raw)` as `key = value: what is wrong (allowed: ...)`."""
     key = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "literal_error" and error["loc"][-1:] == ("[key]",):  # a dict key outside its Literal
+        allowed = str(error.get("ctx", {}).get("expected", "")).replace("'", "")
+        return f"unknown key '{key.removesuffix('.[key]')}'" + (f"; allowed here: {allowed}" if allowed else "")
     if error["type"] == "extra_forbidden":
         section = _lookup_section(root, error["loc"][:-1])
         allowed = ", ".join(section.model_fields) if section else ""
