@@ -22,7 +22,7 @@ import torch
 from src.atomic import file_sha256, load_torch_plain
 from src.data import load_snapshot
 from src.generator import GeneratorFileError, load_generator
-from src.training import train_gan
+from src.training import TrainingInterrupted, train_gan
 from src.training.checkpoint import CHECKPOINT_FORMAT, CheckpointError, global_rng_state, set_global_rng_state
 from tests.conftest import TINY_MODEL, TINY_TRAIN, tiny, write_tiny_snapshot
 
@@ -126,6 +126,21 @@ def test_sigterm_writes_a_checkpoint_and_exits(snapshot, tmp_path):
     assert "interrupted by SIGTERM" in err and "Rerun" in err
     ckpt = torch.load(Path(cfg["ckpt"]) / "checkpoint.pt", weights_only=True)
     assert 4 <= ckpt["step"] < 10_000 and ckpt["step"] % 5_000 != 0
+
+
+def test_a_signal_during_the_last_fid_still_stops_the_run_once_its_checkpoint_is_written(snapshot, tmp_path):
+    # Ctrl-C while the final FID is measured (minutes at full size): the run ends as interrupted (exit 130; a tune
+    # study stops too), not as if nothing had been pressed; its checkpoint holds every step, so a rerun finishes.
+    def fid_fn(step, generator):
+        if step == 8:
+            os.kill(os.getpid(), signal.SIGINT)  # the stage's handler takes it: a flag, read after the FID
+        return 100.0
+
+    params = tiny(iterations=8, fid_every=4, fid_samples=8, checkpoint_every=4)
+    with pytest.raises(TrainingInterrupted, match="interrupted by SIGINT at iteration 8"):
+        train_gan(params, snapshot, checkpoint_dir=tmp_path, fid_fn=fid_fn, progress=False)
+    ckpt = load_torch_plain(tmp_path / "checkpoint.pt")
+    assert ckpt["step"] == 8 and [row["step"] for row in ckpt["fid_history"]] == [4, 8]
 
 
 # What a checkpoint resumes, refuses or ignores (in-process) ------------------------------------

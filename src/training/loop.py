@@ -238,7 +238,8 @@ class _Run:
             with bar:
                 stopped_by = self._steps(bar)
             self._finish(stopped_by)
-        return stopped_by
+        # A signal during the last FID or checkpoint still ends the run as interrupted (its checkpoint is whole).
+        return "signal" if self.stopper.signum is not None else stopped_by
 
     def _steps(self, bar: Any) -> str:
         t = self.t
