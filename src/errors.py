@@ -3,14 +3,19 @@
 Every problem a user can fix (bad params, missing snapshot, missing weights...) is raised as a
 `UserError` subclass whose message names the problem and the fix. Stage `main()`s run through
 `run_cli`, so such errors print one readable message instead of a traceback; so does an OSError
-that escapes (the OS refused a path), naming the path and the cause.
+that escapes (the OS refused a path), naming the path and the cause. The project's own warnings print
+as one `warning: ...` line too (a library's keep Python's form, file and line).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from collections.abc import Callable
+
+SRC_DIR = os.path.dirname(os.path.abspath(__file__))  # this package: where the project's own warnings come from
 
 
 class UserError(Exception):
@@ -25,8 +30,19 @@ def stage_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:  # warnings.formatwarning's signature
+    """A warning raised in this project's code as `warning: <message>`, without the source line Python adds."""
+    if os.path.abspath(filename).startswith(SRC_DIR + os.sep):
+        return f"warning: {message}\n"
+    return _python_format(message, category, filename, lineno, line)
+
+
+_python_format = warnings.formatwarning
+
+
 def run_cli(main: Callable[[], object]) -> None:
     """Run a stage's main; a UserError becomes `error: ...` on stderr and its exit status (2, unless it says)."""
+    warnings.formatwarning = one_line_warning
     try:
         main()
     except UserError as exc:

@@ -74,7 +74,8 @@ def resolve_inception_weights(path: str | os.PathLike | None, *, download: bool 
         configured = Path(path).expanduser()
         if not configured.is_file():
             raise InceptionWeightsError(
-                f"evaluate.inception_weights = {str(path)!r}: no such file. Fix the path in params.yaml, "
+                f"evaluate.inception_weights = {str(path)!r}: "
+                f"{'a folder, not a file' if configured.is_dir() else 'no such file'}. Fix the path in params.yaml, "
                 f"or set it to null to use the torch hub cache. {how_to_provide_weights()}"
             )
         return configured

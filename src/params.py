@@ -381,8 +381,18 @@ def load_params(path: str | os.PathLike | None = None) -> Params:
     except IsADirectoryError:
         raise ParamsError(f"{path} is a folder, not a params file; pass the path to a {PARAMS_FILE}") from None
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path} is not valid YAML: {exc}") from None
+        raise ParamsError(f"{path} is not valid YAML: {yaml_problem(exc)}") from None
     return parse_params(raw, source=str(path))
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (line, column), without PyYAML's excerpt of the text."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(exc).split())
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    hint = " (YAML indents with spaces, not tabs)" if "'\\t'" in problem else ""
+    return f"{problem}{where}{hint}"
 
 
 def set_params(path: str | os.PathLike, values: dict[str, Any]) -> None:

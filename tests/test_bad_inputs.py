@@ -55,6 +55,10 @@ def bad_yaml(project: Path) -> None:
     (project / "params.yaml").write_text("train: [lr_g: 1\n")
 
 
+def tab_indented_yaml(project: Path) -> None:
+    (project / "params.yaml").write_text("train:\n\tlr_g: 0.001\n")
+
+
 def list_yaml(project: Path) -> None:
     (project / "params.yaml").write_text("- seed\n- train\n")
 
@@ -183,6 +187,9 @@ ROWS = [
      "cannot search 'gamma'"),
     ("tune-bad-pruner", "tune", [], {"tune.pruner": "asha"}, None, "tune.pruner"),
     ("not-yaml", "train", [], {}, bad_yaml, "is not valid YAML"),
+    ("yaml-tab", "train", [], {}, tab_indented_yaml,
+     "is not valid YAML: found character '\\t' that cannot start any token at line 2, column 1 (YAML indents with "
+     "spaces, not tabs)"),
     ("not-a-mapping", "collect", [], {}, list_yaml, "expected a mapping of sections"),
     # no project here: never the installed package's own params.yaml
     ("outside-collect", "collect", [], {}, OUTSIDE, "found no params.yaml here"),
@@ -201,6 +208,8 @@ ROWS = [
     ("tune-article", "tune", [], {"train.recipe": "article"}, None, "set train.recipe: custom to tune them"),
     ("tune-weights-missing", "tune", [], {"evaluate.inception_weights": "nowhere.pth"}, None,
      "evaluate.inception_weights = 'nowhere.pth': no such file"),
+    ("eval-weights-a-folder", "evaluate", [], {"evaluate.inception_weights": "models"}, trained_outputs,
+     "evaluate.inception_weights = 'models': a folder, not a file"),
     ("tune-storage-typo", "tune", ["--storage", "postgresq://me@localhost/db"], {}, None,
      "unknown database kind 'postgresq'"),
     ("tune-storage-not-url", "tune", ["--storage", "optuna.db"], {}, None, "is not a database URL"),
@@ -350,7 +359,7 @@ def test_bad_input_gives_one_clear_error_and_loses_nothing(tiny_project, forked_
     assert "Traceback" not in done.stderr + done.stdout, done.stderr
     errors = [line for line in done.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1, done.stderr
-    assert expected in done.stderr, done.stderr
+    assert expected in errors[0], done.stderr  # on the error line itself: one line says what and how
     after = digests(tiny_project)
     changed = [path for path, digest in before.items() if after.get(path) != digest]
     assert not changed, f"{name}: files written before were changed or removed: {changed}"

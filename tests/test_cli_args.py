@@ -26,3 +26,14 @@ def test_help_prints_usage_exits_0_and_changes_nothing(tiny_project, forked_cli,
     assert "--help" in done.stdout and done.stderr == "", done.stderr
     assert sorted(p for p in tiny_project.rglob("*")) == before, "--help must not create a file (nor the lock)"
     assert digests(tiny_project) == contents, "--help must not change a file"
+
+
+def test_the_projects_warnings_print_as_one_line_and_a_librarys_keep_pythons_form():
+    import os
+
+    from src.errors import SRC_DIR, one_line_warning
+
+    ours = one_line_warning(UserWarning("few samples"), UserWarning, os.path.join(SRC_DIR, "evaluate.py"), 3, "  x(")
+    assert ours == "warning: few samples\n"
+    theirs = one_line_warning(UserWarning("deprecated"), UserWarning, "/site-packages/lib.py", 3, "call()")
+    assert "lib.py:3: UserWarning: deprecated" in theirs
