@@ -315,7 +315,7 @@ def tune(params: Params, *, n_trials: int, timeout: float | None, study_name: st
     # One FID function for every trial: the Inception model and the real statistics load once.
     fid_of = make_fid_fn(snapshot, trial_params(params, {}), resolve_device(params.train.device))
     study = load_study(params, study_name, storage)
-    before = len(study.trials)
+    before = sum(t.state != optuna.trial.TrialState.WAITING for t in study.trials)  # not the queued baseline
     if before:
         print(f"continuing study {study_name!r} ({before} trials so far)", flush=True)
 

@@ -23,7 +23,14 @@ from src.atomic import file_sha256, load_torch_plain
 from src.data import load_snapshot
 from src.generator import GeneratorFileError, load_generator
 from src.training import TrainingInterrupted, train_gan
-from src.training.checkpoint import CHECKPOINT_FORMAT, CheckpointError, global_rng_state, set_global_rng_state
+from src.training.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    checkpoint_meta,
+    global_rng_state,
+    read_checkpoint,
+    set_global_rng_state,
+)
 from tests.conftest import TINY_MODEL, TINY_TRAIN, tiny, write_tiny_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,6 +194,16 @@ def test_linear_decay_with_other_iterations_starts_over_instead_of_mixing_schedu
     assert "train.iterations 10 -> 20, which the train.lr_decay: linear schedule ends at" in caplog.text
     _, straight = run_to(20, tmp_path / "straight", snapshot, lr_decay="linear")
     assert_same_training(grown, straight)
+
+
+def test_the_stages_look_ahead_for_its_run_id_is_quiet_so_an_ignored_checkpoint_is_told_once(snapshot, tmp_path,
+                                                                                              caplog):
+    made_with = run_to(4, tmp_path, snapshot)[1]["settings"]
+    other = {**made_with, "train": {**made_with["train"], "lr_d": 0.5}}
+    with caplog.at_level(logging.INFO, logger="src.training"):
+        assert checkpoint_meta(tmp_path, other, 10) == {}  # src.train asks first, for the MLflow run to resume
+        assert read_checkpoint(tmp_path, other, 10) is None  # then train_gan reads it to train
+    assert caplog.text.count("ignoring checkpoint") == 1, caplog.text
 
 
 def test_a_gamma_schedule_with_other_iterations_starts_over_instead_of_mixing_schedules(snapshot, tmp_path, caplog):

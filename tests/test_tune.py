@@ -156,6 +156,7 @@ def test_a_failed_baseline_is_run_again_and_apply_alone_runs_no_trial(workdir, m
     assert study.trials[1].params == baseline_values(load_params(workdir / "tiny.yaml"))
     out = capsys.readouterr().out
     assert out.count("created study") == 1 and "NonFiniteLossError" in out
+    assert "continuing study" not in out, "a new study's queued baseline is not a trial so far"
 
     tune.main(["--params", "tiny.yaml", "--storage", storage, "--apply"])
     assert len(optuna.load_study(study_name="atari-gan", storage=storage).trials) == 2  # no new trial

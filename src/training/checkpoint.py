@@ -116,8 +116,10 @@ def settings_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
     return ", ".join(changes)
 
 
-def read_checkpoint(checkpoint_dir: Path | None, settings: dict[str, Any], iterations: int) -> dict[str, Any] | None:
-    """The checkpoint in `checkpoint_dir` if it was made with `settings`; otherwise None, said why.
+def read_checkpoint(checkpoint_dir: Path | None, settings: dict[str, Any], iterations: int,
+                    quiet: bool = False) -> dict[str, Any] | None:
+    """The checkpoint in `checkpoint_dir` if it was made with `settings`; otherwise None, said why (unless `quiet`:
+    a look ahead of the read that trains, which says it).
 
     Raises CheckpointError, changing nothing, for a file that is not plain data (it could run code)
     or is unreadable, and for a matching checkpoint that has trained more than `iterations`.
@@ -126,19 +128,19 @@ def read_checkpoint(checkpoint_dir: Path | None, settings: dict[str, Any], itera
     if path is None or not path.is_file():
         return None
     start_over = f"delete {path.parent}/ (or move it away) to train from scratch"
+    say = (lambda *args: None) if quiet else log.warning
     try:
         ckpt = load_torch_plain(path)
     except UnsafeFileError as exc:
         raise CheckpointError(f"refusing to load {path}: {exc}; nothing was loaded or changed. If this is not "
                               f"your checkpoint, or one from an older version of this project, {start_over}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        log.warning("ignoring %s: not a checkpoint of this format; training starts from scratch and will "
-                    "overwrite it", path)
+        say("ignoring %s: not a checkpoint of this format; training starts from scratch and will overwrite it", path)
         return None
     if ckpt.get("fingerprint") != fingerprint_of(settings):
-        log.warning("ignoring checkpoint %s (iteration %s): it was made with other training params (%s); training "
-                    "starts from scratch and will overwrite it", path, ckpt.get("step"),
-                    settings_changes(ckpt.get("settings"), settings))
+        say("ignoring checkpoint %s (iteration %s): it was made with other training params (%s); training starts "
+            "from scratch and will overwrite it", path, ckpt.get("step"),
+            settings_changes(ckpt.get("settings"), settings))
         return None
     step = int(ckpt["step"])
     if step > iterations:
@@ -162,7 +164,7 @@ def checkpoint_meta(checkpoint_dir: Path | None, settings: dict[str, Any], itera
 
     Raises what `read_checkpoint` raises, so a caller learns of a refused checkpoint before it starts anything.
     """
-    ckpt = read_checkpoint(checkpoint_dir, settings, iterations) if checkpoint_dir else None
+    ckpt = read_checkpoint(checkpoint_dir, settings, iterations, quiet=True) if checkpoint_dir else None
     return dict(ckpt.get("meta") or {}) if ckpt else {}
 
 
