@@ -284,13 +284,14 @@ def log_to_mlflow(metrics: dict, grid: Path, run_file: Path) -> str:
     from src.tracking import run_tags, setup
 
     setup()
-    run_id = None
+    run_id, why = None, f"{run_file} is missing"
     if Path(run_file).is_file():
         try:
             recorded = json.loads(Path(run_file).read_text())
             run_id = recorded.get("mlflow_run_id")
+            why = f"{run_file} names no mlflow_run_id"
         except (ValueError, AttributeError):
-            run_id = None
+            why = f"{run_file} is not readable JSON"
     run = None
     if run_id:
         try:
@@ -299,7 +300,7 @@ def log_to_mlflow(metrics: dict, grid: Path, run_file: Path) -> str:
             warnings.warn(f"MLflow run {run_id} from {run_file} is unknown to {mlflow.get_tracking_uri()}; "
                           "logging the evaluation into a new run", stacklevel=2)
     else:
-        warnings.warn(f"no training run id in {run_file}; logging the evaluation into a new run", stacklevel=2)
+        warnings.warn(f"no training run to log into ({why}); logging the evaluation into a new run", stacklevel=2)
     if run is None:
         run = mlflow.start_run(run_name="evaluate", tags=run_tags())
     with run:

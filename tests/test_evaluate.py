@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 import src.evaluate as ev
 import src.fid as fid
@@ -418,3 +419,19 @@ def test_holdout_subset_is_fixed_and_only_cuts_the_holdout(snapshot):
     assert ev.holdout_subset(snapshot, len(snapshot.holdout_images)) is snapshot
     with pytest.warns(UserWarning, match="holdout_samples = 100 is more than the snapshot's 16 holdout frames"):
         assert ev.holdout_subset(snapshot, 100) is snapshot  # more than there are: said, then all are scored
+
+
+@pytest.mark.parametrize(("content", "why"), [(None, "is missing"), ("{not json", "is not readable JSON"),
+                                               ("{}", "names no mlflow_run_id")])
+def test_evaluation_without_a_training_run_says_why_and_logs_a_new_run(tmp_path, monkeypatch, content, why):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_file = tmp_path / "run.json"
+    if content is not None:
+        run_file.write_text(content)
+    grid = tmp_path / "grid.png"
+    Image.new("RGB", (4, 4)).save(grid)
+    with pytest.warns(UserWarning, match=rf"no training run to log into \(.*run.json {why}\); logging the evaluation"):
+        metrics = {"fid": 1.0, "generator_file": "g.pt", "weights_sha256": "w", "biased_sample_size": True}
+        run_id = ev.log_to_mlflow(metrics, grid, run_file)
+    assert run_id
