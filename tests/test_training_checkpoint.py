@@ -150,6 +150,23 @@ def test_a_signal_during_the_last_fid_still_stops_the_run_once_its_checkpoint_is
     assert ckpt["step"] == 8 and [row["step"] for row in ckpt["fid_history"]] == [4, 8]
 
 
+def test_a_run_interrupted_between_log_steps_logs_the_same_losses_once_resumed(snapshot, tmp_path):
+    # A signal stops the run at the next step (5), between log steps: its partial window of losses travels in the
+    # checkpoint instead of becoming a row of its own, so the loss log equals an uninterrupted run's.
+    params = tiny(iterations=12, log_every=4, checkpoint_every=100)
+
+    def signal_at_4(step, metrics):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted, match="at iteration 5"):
+        train_gan(params, snapshot, checkpoint_dir=tmp_path / "cut", log_fn=signal_at_4, progress=False)
+    resumed = train_gan(params, snapshot, checkpoint_dir=tmp_path / "cut", progress=False)
+    straight = train_gan(params, snapshot, checkpoint_dir=tmp_path / "straight", progress=False)
+    assert [row["step"] for row in straight.loss_history] == [4, 8, 12]
+    assert resumed.loss_history == straight.loss_history
+
+
 # What a checkpoint resumes, refuses or ignores (in-process) ------------------------------------
 
 

@@ -174,6 +174,9 @@ class _Run:
         self.fid_fn, self.log_fn, self.image_fn = fid_fn, log_fn, image_fn
         self.fid_on = self.t.fid_every > 0 and (fid_fn is not None or world > 1)
         self.loss_history: list[dict[str, float]] = []
+        # Loss rows read at a sync between log steps (a checkpoint, FID or a signal): they join the next log step's
+        # window, and travel in the checkpoint, so a resumed run logs the same means as an uninterrupted one.
+        self.pending_rows: list[list[float]] = []
         self.fid_history: list[dict[str, float]] = []
         self.best: dict[str, Any] = {"fid": None, "step": None, "state": None}
         self.elapsed_before = 0.0
@@ -187,6 +190,7 @@ class _Run:
             self.trainer.load_rng_state(ckpt["rng"][self.rank])
             set_global_rng_state(ckpt["global_rng"])
             self.loss_history, self.fid_history, self.best = ckpt["loss_history"], ckpt["fid_history"], ckpt["best"]
+            self.pending_rows = list(ckpt.get("pending_loss_rows", []))
             if self.fid_history and ckpt["fid_settings"] != self.fid_settings:
                 self._drop_incomparable_fids(ckpt["fid_settings"])
             self.elapsed_before = float(ckpt["elapsed_s"])
@@ -303,6 +307,10 @@ class _Run:
         """Read the loss window (the host sync), check it, log its means; the stop flags, agreed."""
         rows, (signalled, spent) = self.window.read(signalled, spent)
         self._check_finite(rows)
+        rows, self.pending_rows = self.pending_rows + rows, []
+        if not (self.step % self.t.log_every == 0 or self.step == self.t.iterations or spent):
+            self.pending_rows = rows
+            return signalled, spent
         self.last_means = {k: float(np.mean([r[j] for r in rows])) for j, k in enumerate(LOSS_KEYS)}
         rate = self.images_per_s()
         self.loss_history.append({"step": self.step, **self.last_means})
@@ -374,7 +382,8 @@ class _Run:
             with self.clock.pause("checkpoints"):
                 write_checkpoint(self.ckpt_path, self.settings, {
                     "step": self.step, "elapsed_s": self.clock.elapsed(), "model": trainer.model_state(),
-                    "rng": rng, "loss_history": self.loss_history, "fid_history": self.fid_history,
+                    "rng": rng, "loss_history": self.loss_history, "pending_loss_rows": self.pending_rows,
+                    "fid_history": self.fid_history,
                     "best": self.best, "fid_settings": self.fid_settings, "meta": self.meta,
                 })
         self.last_ckpt_step = self.step
