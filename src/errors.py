@@ -30,14 +30,14 @@ def stage_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+_python_format = warnings.formatwarning
+
+
 def one_line_warning(message, category, filename, lineno, line=None) -> str:  # warnings.formatwarning's signature
     """A warning raised in this project's code as `warning: <message>`, without the source line Python adds."""
     if os.path.abspath(filename).startswith(SRC_DIR + os.sep):
         return f"warning: {message}\n"
     return _python_format(message, category, filename, lineno, line)
-
-
-_python_format = warnings.formatwarning
 
 
 def run_cli(main: Callable[[], object]) -> None:

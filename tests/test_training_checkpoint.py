@@ -193,6 +193,12 @@ def tree_leaves(tree):
     return [tree]
 
 
+def test_a_finished_run_resumed_at_its_end_reports_its_own_training_time(snapshot, tmp_path):
+    _, ckpt = run_to(4, tmp_path, snapshot)
+    again, _ = run_to(4, tmp_path, snapshot)  # trains nothing: metrics/train.json must not change
+    assert again.iterations == 4 and again.elapsed_s == ckpt["elapsed_s"]
+
+
 def test_raising_iterations_continues_bit_for_bit(snapshot, tmp_path, caplog):
     train = {"ema_decay": 0.9, "augment": "color,translation", "lr_decay": "none"}
     run_to(10, tmp_path / "grown", snapshot, **train)

@@ -398,7 +398,9 @@ class _Run:
         )
 
     def result(self, stopped_by: str) -> TrainResult:
-        trainer, elapsed = self.trainer, self.clock.elapsed()
+        # Resumed at the end, nothing trained: the run's own training time, not plus this call's few milliseconds.
+        trainer = self.trainer
+        elapsed = self.elapsed_before if self.step == self.first_step else self.clock.elapsed()
         trainer.G.eval()
         return TrainResult(
             generator=trainer.G,
