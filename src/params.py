@@ -432,8 +432,7 @@ def _add_flow_section(node: Any, section: str) -> None:
 
     from ruamel.yaml.comments import CommentedMap
 
-    last = next(reversed(node), None) if len(node) else None
-    comment = node.ca.items.get(last, [None] * 3)[2] if last is not None else None
+    comment = node.ca.items.get(next(reversed(node), None), [None] * 3)[2]
     node[section] = CommentedMap()
     node[section].fa.set_flow_style()
     if comment is not None and comment.value.endswith("\n\n"):

@@ -307,10 +307,11 @@ class _Run:
         """Read the loss window (the host sync), check it, log its means; the stop flags, agreed."""
         rows, (signalled, spent) = self.window.read(signalled, spent)
         self._check_finite(rows)
-        rows, self.pending_rows = self.pending_rows + rows, []
+        rows = self.pending_rows + rows
         if not (self.step % self.t.log_every == 0 or self.step == self.t.iterations or spent):
             self.pending_rows = rows
             return signalled, spent
+        self.pending_rows = []
         self.last_means = {k: float(np.mean([r[j] for r in rows])) for j, k in enumerate(LOSS_KEYS)}
         rate = self.images_per_s()
         self.loss_history.append({"step": self.step, **self.last_means})
